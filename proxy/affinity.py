@@ -1,0 +1,338 @@
+"""Session affinity: which bytes of a request become the hash key (Envoy's hash policies).
+
+Theory
+------
+Istio's ``consistentHash`` (``httpCookie``, ``httpHeaderName``, ``httpQueryParameterName``,
+``useSourceIp``) becomes an Envoy ``RouteAction.hash_policy`` list.  For every request the
+router evaluates the policies in order; each one either yields a 64-bit key or nothing, and the
+keys fold into one with a rotate-left-1 XOR (``old = rotl1(old) ^ new``) so that two identical
+policies do not cancel out.  A ``terminal`` policy stops the walk once *a* hash exists (the
+accumulated one: a terminal policy that found nothing still stops when an earlier one did).
+No key at all means the load balancer picks at random.  The key is then looked up on the ring or
+Maglev table (``proxy.hashing``), so two proxies that agree on the key agree on the pod.
+
+The cookie policy is the sticky-session workhorse.  When the request carries no such cookie and
+the policy has a ``ttl``, Envoy *invents* one: its value is the XXH64 of the downstream
+connection's ``remote + local`` address text, as 16 zero-padded lowercase hex digits, and the
+request is routed by ``xxh64(value)`` - exactly what later requests that send the cookie back
+will hash to, so the first request already lands where the session will stay.  The value is a
+function of the connection only, so concurrent streams on one connection get the same cookie.
+Without ``ttl`` the cookie is only read (passive): absent cookie, no key.
+
+Envoy parity (read from envoyproxy/envoy, main branch)
+------------------------------------------------------
+* ``source/common/http/hash_policy.cc`` - ``HashPolicyImpl::generateHash`` (rotate-XOR fold,
+  terminal test on the accumulated hash); ``CookieHashMethod`` (existing non-empty value wins,
+  else generate when ``ttl`` is set); ``HeaderHashMethod`` (all values of the header, sorted,
+  ``HashUtil::xxHash64(Span)``); ``QueryParameterHashMethod`` (``getFirstValue``);
+  ``IpHashMethod`` (``ip()->addressAsString()``: the address without port, IPv6 unbracketed).
+* ``source/common/common/hash.cc`` - ``HashUtil::xxHash64(absl::Span<absl::string_view>)`` does
+  **not** hash the concatenation: it chains seeds, ``seed = XXH64(piece, seed)`` from seed 0.
+  (Envoy's own test: {"foo", "bar"} -> 17745830980996999794, which is not xxh64("foobar").)
+  For a single value this equals plain ``xxh64(value)``.
+* ``source/common/http/utility.cc`` - ``forEachCookie``/``parseCookie``: every ``Cookie`` header
+  in order, ``splitToken(value, ";")`` (empty pieces skipped), a piece without ``=`` skipped,
+  name = from the first non-space (only ' ') up to the first ``=`` (case-sensitive, trailing
+  spaces kept), value = everything after that ``=`` with one pair of surrounding double quotes
+  removed; the *first* piece whose name matches ends the search, even if its value is empty (an
+  empty value then counts as absent).  ``makeSetCookieValue``: ``NAME="VALUE"``, then
+  ``; Max-Age=N`` when N != 0, ``; Path=P`` when P is not empty, each attribute as ``; name`` or
+  ``; name=value``, then ``; HttpOnly`` (the router always passes httponly=true).
+  ``QueryParamsMulti::parseQueryString`` (``decode_params=false``): from the first ``?``, split
+  on ``&``, name/value split at the first ``=``, a parameter without ``=`` has value ``""``
+  (so it *is* present and hashes ``xxh64("")``); names and values are compared/hashed raw,
+  never percent-decoded.
+* ``source/common/router/router.h`` - ``Filter::addDownstreamSetCookie``: value =
+  ``Hex::uint64ToHex(HashUtil::xxHash64(remote->asString() + local->asString()))``;
+  ``source/common/common/hex.cc`` ``uint64ToHex`` writes all 8 bytes big-endian (16 digits,
+  zero padded).  ``Address::Ipv4Instance::asString`` is ``1.2.3.4:80``, ``Ipv6Instance`` is
+  ``[::1]:80``.
+* ``source/common/http/header_map_impl.cc`` - the request header map aliases ``host`` to
+  ``:authority`` (so a header policy on either name reads the Host header), and *inline* headers
+  (Host, User-Agent, X-Forwarded-*, X-Request-Id, Content-Type, ...) are coalesced on arrival:
+  a repeated one is appended to the first with ``,`` (empty repeats skipped) and therefore
+  hashed as one value in arrival order, not sorted.  Other headers keep one entry per line.
+  The HTTP/1 codec trims leading/trailing whitespace from values; we do the same.
+
+Not modelled: Envoy's header policy ``regex_rewrite`` and ``filter_state`` (Istio exposes
+neither); headers the connection manager rewrites before routing (X-Forwarded-For append,
+X-Request-Id generation) are hashed as the caller passes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+
+@dataclass(frozen=True, slots=True)
+class CookieAttribute:
+    """One extra Set-Cookie attribute (Istio httpCookie.attributes): ``name`` or ``name=value``."""
+
+    name: str
+    value: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CookiePolicy:
+    """Hash on a cookie; with ``ttl`` set (seconds, 0 = session cookie) generate it when absent."""
+
+    name: str
+    path: str = ""
+    ttl: int | None = None
+    attributes: tuple[CookieAttribute, ...] = ()
+    terminal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    """Hash on every value of one request header (name stored lower-case)."""
+
+    name: str
+    terminal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QueryParameterPolicy:
+    """Hash on the first occurrence of one query parameter."""
+
+    name: str
+    terminal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SourceIPPolicy:
+    """Hash on the downstream peer's IP address text (no port)."""
+
+    terminal: bool = False
+
+
+HashPolicy = CookiePolicy | HeaderPolicy | QueryParameterPolicy | SourceIPPolicy
+
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+_xxh64_int = xxhash.xxh64_intdigest
+
+# Inline request headers of Envoy's RequestHeaderMap (envoy/http/header_map.h
+# INLINE_REQ_HEADERS / INLINE_REQ_RESP_HEADERS), limited to names a client can usefully send;
+# the x-envoy-* ones are Envoy-internal.  Repeats of these are joined with "," on arrival.
+_INLINE_REQUEST_HEADERS = frozenset(
+    {
+        b"host",
+        b"user-agent",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-forwarded-client-cert",
+        b"x-client-trace-id",
+        b"x-request-id",
+        b"grpc-timeout",
+        b"expect",
+        b"te",
+        b"connection",
+        b"content-type",
+        b"content-length",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-status",
+        b"transfer-encoding",
+        b"upgrade",
+        b"via",
+    }
+)
+
+_OWS = b" \t"
+_COOKIE = b"cookie"
+
+
+def _xxh64(data: bytes | str, seed: int = 0) -> int:
+    """XXH64 as Envoy's ``HashUtil::xxHash64`` (seed 0 unless chaining)."""
+    if isinstance(data, str):
+        data = data.encode()
+    return int(_xxh64_int(data, seed))
+
+
+def _combine(old: int | None, new: int) -> int:
+    """Envoy's fold: rotate the accumulated hash left by one bit, then XOR the new one."""
+    if old is None:
+        return new
+    return (((old << 1) | (old >> 63)) & _MASK64) ^ new
+
+
+def format_address(host: str, port: int) -> str:
+    """Envoy's ``Address::Instance::asString``: ``1.2.3.4:80``, ``[::1]:80``."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def generated_cookie_value(remote: str, local: str) -> str:
+    """The value Envoy invents for an absent cookie: hex of xxh64(remote + local), 16 digits."""
+    return f"{_xxh64(remote + local):016x}"
+
+
+def set_cookie_value(policy: CookiePolicy, value: str) -> str:
+    """``Set-Cookie`` value text, byte for byte as Envoy's ``makeSetCookieValue``."""
+    parts = [f'{policy.name}="{value}"']
+    if policy.ttl:
+        parts.append(f"Max-Age={policy.ttl}")
+    if policy.path:
+        parts.append(f"Path={policy.path}")
+    for attribute in policy.attributes:
+        parts.append(f"{attribute.name}={attribute.value}" if attribute.value else attribute.name)
+    parts.append("HttpOnly")
+    return "; ".join(parts)
+
+
+def parse_cookie(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes:
+    """Value of cookie ``name`` as Envoy's ``parseCookie`` finds it; ``b""`` when absent."""
+    for header, raw in headers:
+        if header != _COOKIE or name not in raw:
+            # The substring test is only a shortcut: a line without the name cannot match.
+            continue
+        for piece in raw.strip(_OWS).split(b";"):
+            equals = piece.find(b"=")
+            if equals < 0:
+                continue
+            start = len(piece) - len(piece.lstrip(b" "))
+            if piece[start:equals] != name:
+                continue
+            value = piece[equals + 1 :]
+            if len(value) >= 2 and value[0] == 0x22 and value[-1] == 0x22:
+                value = value[1:-1]
+            return value
+    return b""
+
+
+def query_first_value(target: bytes, name: bytes) -> bytes | None:
+    """First raw value of query parameter ``name`` (``b""`` when it has no ``=``), else None."""
+    start = target.find(b"?")
+    if start < 0:
+        return None
+    query = target[start + 1 :]
+    fragment = query.find(b"#")
+    if fragment >= 0:
+        # Envoy rejects (default) or strips a #fragment before routing; it never hashes it.
+        query = query[:fragment]
+    params = query.split(b"&")
+    if not params[-1]:
+        # Envoy's parser stops at the end of the string: "a=1&" has no empty last parameter.
+        params.pop()
+    for param in params:
+        key, sep, value = param.partition(b"=")
+        if key == name:
+            return value if sep else b""
+    return None
+
+
+def _header_hash(headers: Sequence[tuple[bytes, bytes]], name: bytes, inline: bool) -> int | None:
+    values = [raw.strip(_OWS) for header, raw in headers if header == name]
+    if not values:
+        return None
+    if inline:
+        return _xxh64(b",".join(value for value in values if value))
+    values.sort()
+    seed = 0
+    for value in values:
+        seed = _xxh64_int(value, seed)
+    return int(seed)
+
+
+_KIND_COOKIE = 0
+_KIND_HEADER = 1
+_KIND_QUERY = 2
+_KIND_SOURCE_IP = 3
+
+
+class Affinity:
+    """A compiled list of hash policies: build once per config, call :meth:`compute` per request.
+
+    ``compute`` returns ``(hash, generated)``: ``hash`` is None when no policy produced a key
+    (pick at random); ``generated`` is the invented cookie value when a cookie policy with a
+    ``ttl`` found its cookie absent (answer with :meth:`set_cookie_header`), else None.
+    """
+
+    __slots__ = (
+        "_set_cookie_prefix",
+        "_set_cookie_suffix",
+        "_steps",
+        "cookie_policy",
+        "generates_cookie",
+        "policies",
+    )
+
+    def __init__(self, policies: Sequence[HashPolicy]) -> None:
+        self.policies: tuple[HashPolicy, ...] = tuple(policies)
+        steps: list[tuple[int, bytes, bool, bool]] = []
+        generator: CookiePolicy | None = None
+        first_cookie: CookiePolicy | None = None
+        for policy in self.policies:
+            if isinstance(policy, CookiePolicy):
+                first_cookie = first_cookie or policy
+                generates = policy.ttl is not None
+                if generates and generator is None:
+                    generator = policy
+                steps.append((_KIND_COOKIE, policy.name.encode(), generates, policy.terminal))
+            elif isinstance(policy, HeaderPolicy):
+                name = policy.name.lower().encode()
+                if name == b":authority":
+                    name = b"host"
+                inline = name in _INLINE_REQUEST_HEADERS
+                steps.append((_KIND_HEADER, name, inline, policy.terminal))
+            elif isinstance(policy, QueryParameterPolicy):
+                steps.append((_KIND_QUERY, policy.name.encode(), False, policy.terminal))
+            else:
+                steps.append((_KIND_SOURCE_IP, b"", False, policy.terminal))
+        self._steps: tuple[tuple[int, bytes, bool, bool], ...] = tuple(steps)
+        self.generates_cookie: bool = generator is not None
+        self.cookie_policy: CookiePolicy | None = generator or first_cookie
+        self._set_cookie_prefix = b""
+        self._set_cookie_suffix = b""
+        if generator is not None:
+            prefix, _, suffix = set_cookie_value(generator, "\0").partition("\0")
+            self._set_cookie_prefix = b"set-cookie: " + prefix.encode()
+            self._set_cookie_suffix = suffix.encode() + b"\r\n"
+
+    def compute(
+        self,
+        headers: Sequence[tuple[bytes, bytes]],
+        target: bytes,
+        remote: tuple[str, int],
+        local: tuple[str, int],
+    ) -> tuple[int | None, str | None]:
+        """Hash key of one request and the cookie value generated for it (or None)."""
+        result: int | None = None
+        generated: str | None = None
+        for kind, name, flag, terminal in self._steps:
+            new: int | None
+            if kind == _KIND_COOKIE:
+                value = parse_cookie(headers, name)
+                if value:
+                    new = _xxh64(value)
+                elif flag:
+                    if generated is None:
+                        generated = generated_cookie_value(
+                            format_address(*remote), format_address(*local)
+                        )
+                    new = _xxh64(generated)
+                else:
+                    new = None
+            elif kind == _KIND_HEADER:
+                new = _header_hash(headers, name, flag)
+            elif kind == _KIND_QUERY:
+                found = query_first_value(target, name)
+                new = None if found is None else _xxh64(found)
+            else:
+                new = _xxh64(remote[0]) if remote[0] else None
+            if new is not None:
+                result = _combine(result, new)
+            if terminal and result is not None:
+                break
+        return result, generated
+
+    def set_cookie_header(self, value: str) -> bytes:
+        """The full ``set-cookie: ...\\r\\n`` line for the (first) generating cookie policy."""
+        if not self.generates_cookie:
+            raise ValueError("no cookie policy with a ttl: nothing generates a cookie")
+        return self._set_cookie_prefix + value.encode() + self._set_cookie_suffix
