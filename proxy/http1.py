@@ -1,0 +1,1380 @@
+"""The data plane: a downstream HTTP/1.1 server that forwards to upstream pools.
+
+What the client sees when something goes wrong (the one place failures become responses)::
+
+    where it breaks                                   client gets                          flags
+    ------------------------------------------------  -----------------------------------  -----
+    downstream (the client)
+      head > max_header_bytes                         431 Request Header Fields Too Large   DPE
+      malformed line/header/chunk, CL+TE, obs-fold,   400 Bad Request                       DPE
+        duplicate Host, no Host on 1.1, TE on 1.0
+      Transfer-Encoding other than chunked            501 Not Implemented                   DPE
+      HTTP version other than 1.0/1.1                 505 HTTP Version Not Supported        DPE
+      CONNECT                                         405 Method Not Allowed                DPE
+      head not complete within header_timeout         408 Request Timeout                   -
+        (all of the above then close the connection; other connections are untouched)
+      client closes mid-request or mid-response       nothing; upstream connection dropped  DC
+    dispatcher
+      LocalReply(...)                                 as given (404 no route, 503 ...)      its own
+      dispatch() raised                               500 Internal Server Error             -
+    upstream
+      connect refused / connect timeout               503 upstream connect error or
+        (after Forward.next_pool attempts)                disconnect/reset before headers.
+                                                          reset reason: connection failure  UF
+      closed after the request, before the head       503 ... reset reason: connection
+        (a reused idle connection with nothing            termination                       UC
+         but a head sent is first retried once)
+      not HTTP (bad status line, bad chunk, ...)      502 ... reset reason: protocol error  UPE
+      no complete response within Forward.timeout     504 upstream request timeout          UT
+      any of these after the response head was sent   connection closed (truncated body)    same
+
+Theory of operation
+-------------------
+One :class:`HttpConnection` per client connection. httptools (llhttp) parses the requests and
+calls us back; the connection answers them strictly in order, one *active* exchange at a time.
+A request parsed while another is active (pipelining) waits in a queue with its body bytes, and
+reading from the client pauses until the queue drains, so a pipelining client costs at most one
+socket read of buffering.
+
+For the active exchange the dispatcher (routing, affinity, clusters: not our business) returns a
+:class:`Forward` or a :class:`LocalReply`. For a Forward we take an idle connection from the
+pool (no coroutine at all on the keep-alive path) or open one in a task, send the rewritten head,
+and stream the body: Content-Length bodies as they come, chunked bodies re-framed chunk by chunk
+from the parser's ``on_body``. The upstream connection parses the response and reports it back
+(see ``proxy.upstream``); we rewrite the head (hop-by-hop headers out, edits in, Set-Cookie) and
+frame the body for this client: Content-Length passes through, anything else becomes chunked for
+an HTTP/1.1 client or close-delimited for HTTP/1.0.
+
+Backpressure is the transports' own: when a receiving transport's buffer passes its high-water
+mark, asyncio calls ``pause_writing`` on its protocol and we pause *reading* on the sending side
+until ``resume_writing``. Reading from the client can be paused for several reasons at once
+(upstream full, pipelined request waiting, body arriving before the upstream is connected, an
+upgrade waiting for its 101), so those are bits in one mask. Either way at most a socket read
+plus a transport buffer per direction is held, whatever the body size.
+
+Bytes meant for one socket during one read are queued and written once, so a small response head
+and body leave in one ``send``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Final, Protocol, cast
+
+import httptools
+
+from proxy.upstream import PROTOCOL_ERROR, UpstreamConnection, UpstreamPool
+
+__all__ = [
+    "Connections",
+    "Dispatcher",
+    "Exchange",
+    "Forward",
+    "HeaderEdit",
+    "HttpConnection",
+    "LocalReply",
+    "ServerSettings",
+    "UpstreamPool",
+    "serve",
+]
+
+logger = logging.getLogger("proxy.http1")
+
+# --------------------------------------------------------------------------- Envoy's wording
+CONNECT_FAILURE: Final = (
+    b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+)
+CONNECTION_TERMINATION: Final = (
+    b"upstream connect error or disconnect/reset before headers. "
+    b"reset reason: connection termination"
+)
+PROTOCOL_ERROR_TEXT: Final = (
+    b"upstream connect error or disconnect/reset before headers. reset reason: protocol error"
+)
+UPSTREAM_TIMEOUT: Final = b"upstream request timeout"
+
+# --------------------------------------------------------------------------- precomputed bytes
+_STATUS_LINES: Final = {
+    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus
+}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+# RFC 9110 §7.6.1 plus the legacy ones every proxy strips.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Request headers we re-emit ourselves (framing, Host, forwarding headers).
+_REQUEST_OWN: Final = frozenset({b"host", b"content-length", b"x-request-id"})
+_FORWARDING: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
+_RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
+_UPGRADE_KEEP: Final = frozenset({b"upgrade"})
+_NOTHING: Final[frozenset[bytes]] = frozenset()
+_NOT_EDITABLE: Final = HOP_BY_HOP | {b"content-length"}
+
+# Request headers looked at while parsing (everything else is only copied).
+_H_HOST, _H_CL, _H_TE, _H_CONN, _H_XFF, _H_RID, _H_UPGRADE = range(7)
+_SPECIAL: Final = {
+    b"host": _H_HOST,
+    b"content-length": _H_CL,
+    b"transfer-encoding": _H_TE,
+    b"connection": _H_CONN,
+    b"x-forwarded-for": _H_XFF,
+    b"x-request-id": _H_RID,
+    b"upgrade": _H_UPGRADE,
+}
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
+_CONNECTION_TOKENS_IGNORED: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+_CRLF: Final = b"\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_CHUNKED_LINE: Final = b"transfer-encoding: chunked\r\n"
+_CLOSE_LINE: Final = b"connection: close\r\n"
+_KEEP_ALIVE_LINE: Final = b"connection: keep-alive\r\n"
+_UPGRADE_LINE: Final = b"connection: upgrade\r\n"
+
+# Reasons reading from the client is paused (bits of HttpConnection._paused).
+_P_UPSTREAM: Final = 1  # upstream write buffer full
+_P_QUEUE: Final = 2  # a pipelined request waits its turn
+_P_CONNECTING: Final = 4  # body bytes buffered while no upstream connection is attached
+_P_UPGRADE: Final = 8  # an upgrade request waits for its 101
+_P_DONE: Final = 16  # nothing more will be read (error, closing)
+
+# Response body framing towards the client.
+_M_NONE, _M_RAW, _M_CHUNKED = 0, 1, 2
+
+_BUFFER_LIMIT: Final = 64 * 1024  # body bytes held for a request not yet attached upstream
+
+
+# --------------------------------------------------------------------------- public types
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Listener settings (defaults are Envoy's where Envoy has one)."""
+
+    max_header_bytes: int = 60 * 1024
+    header_timeout: float = 60.0  # a client slower than this sending a head gets 408
+    idle_timeout: float = 3600.0  # keep-alive connection with no request in flight
+    max_pipeline: int = 32  # queued pipelined requests before we stop parsing and close after
+    xff: bool = True  # append the peer to x-forwarded-for, set x-forwarded-proto
+    proto: str = "http"  # value of x-forwarded-proto
+    server_name: str = "sticky-proxy"  # `server` header of local replies
+
+    def __post_init__(self) -> None:
+        if self.max_header_bytes < 1024:
+            raise ValueError("max_header_bytes must be at least 1024")
+        if self.header_timeout <= 0 or self.idle_timeout <= 0:
+            raise ValueError("timeouts must be > 0")
+        if self.max_pipeline < 1:
+            raise ValueError("max_pipeline must be >= 1")
+
+
+def _check_header(name: bytes, value: bytes) -> None:
+    if not name or name != name.lower() or any(c in name for c in b" \t\r\n:"):
+        raise ValueError(f"header name must be a lower-case token: {name!r}")
+    if any(c in value for c in b"\r\n\x00"):
+        raise ValueError(f"header value contains CR, LF or NUL: {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdit:
+    """Header changes for one route, applied as: remove, then set (replace), then add.
+
+    Built once per route by the control plane; ``drop`` and ``lines`` are precomputed so that
+    applying an edit costs one set lookup per header and one append.
+
+        HeaderEdit(set=((b"x-env", b"prod"),), add=((b"via", b"sp"),), remove=frozenset({b"x-dbg"}))
+    """
+
+    set: tuple[tuple[bytes, bytes], ...] = ()
+    add: tuple[tuple[bytes, bytes], ...] = ()
+    remove: frozenset[bytes] = frozenset()
+    drop: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    lines: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, value in (*self.set, *self.add):
+            _check_header(name, value)
+        for name in self.remove:
+            _check_header(name, b"")
+        framing = {n for n, _ in (*self.set, *self.add)} | self.remove
+        if framing & _NOT_EDITABLE:
+            names = b", ".join(sorted(framing & _NOT_EDITABLE)).decode()
+            raise ValueError(f"framing and hop-by-hop headers cannot be edited: {names}")
+        object.__setattr__(self, "drop", self.remove | {name for name, _ in self.set})
+        object.__setattr__(
+            self, "lines", b"".join(n + b": " + v + _CRLF for n, v in (*self.set, *self.add))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    """A response made by the proxy itself (content-type text/plain).
+
+    The dispatcher may set ``exchange.flags`` (e.g. "NR", "UH") before returning one.
+    """
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    close: bool = False
+
+
+class Forward:
+    """Send the request to ``pool`` (see the field comments for the rest)."""
+
+    __slots__ = (
+        "authority",
+        "connect_retries",
+        "next_pool",
+        "pool",
+        "request_headers",
+        "response_headers",
+        "set_cookie",
+        "target",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        *,
+        target: bytes | None = None,
+        authority: bytes | None = None,
+        request_headers: HeaderEdit | None = None,
+        response_headers: HeaderEdit | None = None,
+        set_cookie: bytes | None = None,
+        timeout: float | None = None,
+        next_pool: Callable[[int], UpstreamPool | None] | None = None,
+        connect_retries: int = 0,
+    ) -> None:
+        self.pool = pool
+        self.target = target  # rewritten request-target, None = unchanged
+        self.authority = authority  # rewritten Host, None = unchanged
+        self.request_headers = request_headers
+        self.response_headers = response_headers
+        self.set_cookie = set_cookie  # a whole line: b"set-cookie: ...\r\n"
+        # From the end of the request to the end of the response (Envoy's route timeout).
+        self.timeout = timeout
+        # After a connect failure (nothing sent): the pool for attempt k = 1, 2, ...
+        self.next_pool = next_pool
+        self.connect_retries = connect_retries
+
+
+class Exchange:
+    """One request/response: what the dispatcher decides on, and the access-log record.
+
+    Filled by the connection: the request fields before ``dispatch``; ``status``, ``flags``,
+    ``end``, byte counts and ``upstream`` by the time ``finished`` is called. ``target`` is the
+    request-target in origin form (an absolute-form target is split and its authority wins over
+    Host, RFC 9112 §3.2.2); ``authority`` is the Host ("" for HTTP/1.0 without one).
+    ``headers`` are (lower-cased name, value) as received, hop-by-hop ones included.
+
+    ``flags`` are Envoy's response flags: "-" none, set here: DC downstream closed, DPE
+    downstream protocol error, UF upstream connect failure, UC upstream closed/reset, UPE
+    upstream protocol error, UT upstream timeout; the dispatcher may set its own (NR, UH, ...)
+    before returning a LocalReply. ``bytes_received``/``bytes_sent`` count body bytes
+    (tunnel bytes after a 101). ``status`` is 0 when no response was started.
+    """
+
+    __slots__ = (
+        "_body",
+        "_body_done",
+        "_buffered",
+        "_chunked",
+        "_cl",
+        "_conn_tokens",
+        "_error",
+        "_keep_alive",
+        "_upgrade",
+        "_xff",
+        "authority",
+        "bytes_received",
+        "bytes_sent",
+        "end",
+        "flags",
+        "headers",
+        "method",
+        "peer",
+        "request_id",
+        "sock",
+        "start",
+        "status",
+        "target",
+        "upstream",
+        "version",
+    )
+
+    def __init__(self, peer: tuple[str, int], sock: tuple[str, int], start: float) -> None:
+        self.method = b""
+        self.target = b""
+        self.version = b"1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.authority: bytes | None = None
+        self.peer = peer
+        self.sock = sock
+        self.start = start
+        self.end = 0.0
+        self.status = 0
+        self.flags = "-"
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.upstream: str | None = None
+        self.request_id = b""
+        # http1-private request state (lives here so a queued request carries it along)
+        self._keep_alive = True
+        self._upgrade: bytes | None = None  # Upgrade header value of an upgrade request
+        self._chunked = False
+        self._cl: bytes | None = None
+        self._conn_tokens: frozenset[bytes] | None = None
+        self._xff: bytes | None = None
+        self._body: list[bytes] = []  # body bytes not yet written upstream
+        self._buffered = 0
+        self._body_done = False
+        self._error: tuple[int, bytes] | None = None  # reject with this once it is our turn
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.method.decode()} {self.target!r} {self.status} {self.flags}>"
+
+
+class Dispatcher(Protocol):
+    """The decision maker (implemented by the server module: routing, affinity, clusters)."""
+
+    def dispatch(self, exchange: Exchange) -> Forward | LocalReply:
+        """Synchronous and fast: runs on the request path."""
+        ...
+
+    def finished(self, exchange: Exchange) -> None:
+        """Called once per exchange, after its last byte or its abort.
+
+        Also for requests the connection rejects itself (400, 431, 408 ...), which were never
+        dispatched (their request fields may be partial), and for pipelined requests dropped
+        when the client disconnected (status 0, flags "DC").
+        """
+        ...
+
+
+# --------------------------------------------------------------------------- small helpers
+class _RequestIds:
+    """UUID4 text for x-request-id from os.urandom in batches (uuid.uuid4() costs ~5x more).
+
+    Each id takes 32 random hex digits; the version digit is forced to 4 and the variant digit
+    mapped onto 8, 9, a, b (RFC 9562 §5.4), which keeps 122 random bits as uuid4 does.
+    """
+
+    __slots__ = ("_hex", "_next")
+
+    _BATCH = 256 * 32
+    _VARIANT: Final = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._next = self._BATCH
+
+    def __call__(self) -> bytes:
+        i = self._next
+        if i >= self._BATCH:
+            self._hex = os.urandom(self._BATCH // 2).hex()
+            i = 0
+        self._next = i + 32
+        h = self._hex[i : i + 32]
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{self._VARIANT[h[16]]}{h[17:20]}-{h[20:]}".encode()
+
+
+_next_request_id = _RequestIds()
+
+_date_cache: list[object] = [0, b""]
+
+
+def _date_line() -> bytes:
+    """`date` header line for local replies, formatted at most once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = b"date: " + formatdate(now, usegmt=True).encode() + _CRLF
+    line = _date_cache[1]
+    assert isinstance(line, bytes)
+    return line
+
+
+def _header_lines(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[bytes]:
+    parts: list[bytes] = []
+    for name, value in headers:
+        if name not in drop:
+            parts += (name, b": ", value, _CRLF)
+    return parts
+
+
+class _StopParsing(Exception):
+    """Raised in a parser callback to stop at a message boundary (closing, pipeline full)."""
+
+
+class _RequestError(Exception):
+    """Raised in a parser callback to reject the request with (status, text)."""
+
+    def __init__(self, status: int, text: bytes) -> None:
+        super().__init__(status, text)
+        self.status = status
+        self.text = text
+
+
+class _Shared:
+    """Per-listener state every connection reads (copied onto the connection at creation)."""
+
+    __slots__ = ("connections", "dispatcher", "request_drop", "server_line", "settings")
+
+    def __init__(
+        self, dispatcher: Dispatcher, settings: ServerSettings, connections: Connections | None
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.connections = connections
+        forwarding = _FORWARDING if settings.xff else _NOTHING
+        self.request_drop = HOP_BY_HOP | _REQUEST_OWN | forwarding
+        self.server_line = b"server: " + settings.server_name.encode() + _CRLF
+
+
+# --------------------------------------------------------------------------- the connection
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parse, dispatch, forward, answer in order."""
+
+    def __init__(self, shared: _Shared) -> None:
+        # global state
+        settings = shared.settings
+        self._shared = shared
+        self._dispatcher = shared.dispatcher
+        self._loop = asyncio.get_running_loop()
+        self._max_head = settings.max_header_bytes
+        self._header_timeout = settings.header_timeout
+        self._idle_timeout = settings.idle_timeout
+        self._max_pipeline = settings.max_pipeline
+        self._xff = settings.xff
+        self._proto_line = b"x-forwarded-proto: " + settings.proto.encode() + _CRLF
+        self._request_drop = shared.request_drop
+
+        # per-connection state
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._peer: tuple[str, int] = ("", 0)
+        self._sock: tuple[str, int] = ("", 0)
+        self._peer_ip = b""
+        self._closed = False  # close() called or connection lost: write nothing more
+        self._paused = 0  # _P_* bits: why reading from the client is paused
+        self._write_paused = False
+        self._in_feed = False  # inside parser.feed_data: upstream writes are flushed after
+        self._eof = False  # the client half-closed: close once the queue is answered
+        self._draining = False  # Connections.shutdown(): close after the current exchange
+        self._queue: collections.deque[Exchange] = collections.deque()
+        self._parsing: Exchange | None = None  # the request the parser is inside
+        self._head_open = False  # between on_message_begin and on_headers_complete
+        self._head_bytes = 0  # size of the head so far, as seen through the callbacks
+        self._head_unparsed = 0  # bytes fed while the head stayed open (httptools buffers them)
+        self._messages = 0
+        self._idle_since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._wbuf: list[bytes] = []
+
+        # per-request state (the active exchange)
+        self._active: Exchange | None = None
+        self._forward: Forward | None = None
+        self._upstream: UpstreamConnection | None = None
+        self._request_head = b""
+        self._pool: UpstreamPool | None = None  # where the current attempt goes
+        self._connect_task: asyncio.Task[None] | None = None
+        self._attempt = 0
+        self._retried = False
+        self._response_deadline: float | None = None  # Forward.timeout, as loop time
+        self._started = False  # final response head written to the client
+        self._mode = _M_NONE
+        self._keep = True  # keep the client connection after this response
+        self._tunnel = False
+
+    # ================================================================== asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport: no isinstance here.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        if isinstance(peer, tuple):
+            self._peer = (peer[0], peer[1])
+            self._peer_ip = peer[0].encode()
+        if isinstance(sock, tuple):
+            self._sock = (sock[0], sock[1])
+        if self._shared.connections is not None:
+            self._shared.connections.add(self)
+        self._go_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._shared.connections is not None:
+            self._shared.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        ex = self._active
+        if ex is not None:
+            if self._tunnel:
+                conn, self._upstream = self._upstream, None
+                if conn is not None:
+                    conn.abandon(graceful=True)  # let the last frames reach the upstream
+            else:
+                if ex.flags == "-":
+                    ex.flags = "DC"
+                self._drop_upstream()
+            self._active = None
+            self._finished(ex)
+        while self._queue:
+            ex = self._queue.popleft()
+            ex.flags = "DC"
+            self._finished(ex)
+
+    def eof_received(self) -> bool | None:
+        ex = self._active
+        if self._tunnel or ex is None or self._parsing is not None:
+            return None  # nothing to answer, or a request cut short: close
+        self._eof = True  # half-close after a complete request: answer, then close
+        self._pause(_P_DONE)
+        return True
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel:
+            self._tunnel_out(data)
+            return
+        if self._paused & _P_DONE:
+            return  # after an error or a final request: ignore the rest
+        if self._paused & _P_UPGRADE:
+            self._hold_upgrade_data(data)
+            return
+        messages = self._messages
+        head_was_open = self._head_open
+        self._in_feed = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade_data(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            self._parse_error(exc)
+        finally:
+            self._in_feed = False
+        if self._head_open:
+            self._head_still_open(len(data), head_was_open and messages == self._messages)
+        up = self._upstream
+        if up is not None:
+            up.flush()
+        if self._wbuf:
+            self.flush()
+
+    # ================================================================== httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._closed or len(self._queue) >= self._max_pipeline:
+            raise _StopParsing  # answer what we have, then close
+        self._messages += 1
+        self._parsing = Exchange(self._peer, self._sock, self._loop.time())
+        self._head_open = True
+        self._head_bytes = 0
+        self._head_unparsed = 0
+
+    def on_url(self, url: bytes) -> None:
+        ex = self._parsing
+        assert ex is not None
+        ex.target += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self._max_head:
+            raise _RequestError(431, b"request header fields too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_open:
+            return  # chunked trailers: dropped, like Envoy does by default
+        ex = self._parsing
+        assert ex is not None
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head:
+            raise _RequestError(431, b"request header fields too large")
+        name = name.lower()
+        ex.headers.append((name, value))
+        kind = _SPECIAL.get(name)
+        if kind is not None:
+            if kind == _H_HOST and ex.authority is None:
+                ex.authority = value  # the one nearly every request has
+            else:
+                self._special_header(ex, kind, value)
+
+    def on_headers_complete(self) -> None:
+        ex = self._parsing
+        assert ex is not None
+        self._head_open = False
+        parser = self._parser
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            raise _RequestError(505, b"HTTP version not supported")
+        ex.version = version
+        ex.method = parser.get_method()
+        ex._keep_alive = parser.should_keep_alive()
+        self._check_request(ex)
+        ex._body_done = ex._upgrade is not None or not (ex._chunked or ex._cl not in (None, b"0"))
+        if ex.request_id == b"":
+            ex.request_id = _next_request_id()
+        if self._active is None and not self._queue:
+            self._activate(ex)
+        else:
+            self._queue.append(ex)
+            self._pause(_P_QUEUE)
+
+    def on_body(self, data: bytes) -> None:
+        ex = self._parsing
+        assert ex is not None
+        ex.bytes_received += len(data)
+        up = self._upstream
+        if up is not None and ex is self._active:
+            if ex._chunked:
+                up.write_body(b"%x\r\n" % len(data))
+                up.write_body(data)
+                up.write(_CRLF)
+            else:
+                up.write_body(data)
+        elif ex._error is None:
+            ex._body.append(data)
+            ex._buffered += len(data)
+            if ex._buffered > _BUFFER_LIMIT:
+                self._pause(_P_CONNECTING)
+
+    def on_message_complete(self) -> None:
+        ex = self._parsing
+        assert ex is not None
+        self._parsing = None
+        if ex._body_done:
+            return  # bodiless request: already complete at the head
+        ex._body_done = True
+        if ex is self._active:
+            self._arm_timeout()
+            if self._upstream is not None:
+                self._request_sent()
+
+    # ================================================================== request checks
+    def _special_header(self, ex: Exchange, kind: int, value: bytes) -> None:
+        if kind == _H_HOST:
+            if ex.authority is not None:
+                raise _RequestError(400, b"duplicate host header")
+            ex.authority = value
+        elif kind == _H_CL:
+            ex._cl = value  # llhttp rejects bad and duplicate values
+        elif kind == _H_TE:
+            # llhttp accepts "gzip, chunked"; we could only forward it by decoding gzip.
+            if value.strip().lower() != b"chunked":
+                raise _RequestError(501, b"transfer-encoding not implemented")
+            ex._chunked = True
+        elif kind == _H_CONN:
+            tokens = frozenset(t.strip().lower() for t in value.split(b","))
+            tokens -= _CONNECTION_TOKENS_IGNORED
+            if tokens:
+                ex._conn_tokens = tokens | (ex._conn_tokens or frozenset())
+        elif kind == _H_XFF:
+            ex._xff = value if ex._xff is None else ex._xff + b", " + value
+        elif kind == _H_RID:
+            if not ex.request_id:
+                ex.request_id = value
+        else:  # _H_UPGRADE
+            ex._upgrade = value
+
+    def _check_request(self, ex: Exchange) -> None:
+        if ex._chunked and ex.version == b"1.0":
+            raise _RequestError(400, b"transfer-encoding in an HTTP/1.0 request")  # RFC 9112 §6.1
+        if ex.method == b"CONNECT":
+            raise _RequestError(405, b"CONNECT is not supported")
+        target = ex.target
+        if target[:1] != b"/":
+            if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+                self._absolute_form(ex)
+            elif target != b"*" or ex.method != b"OPTIONS":
+                raise _RequestError(400, b"invalid request target")
+        if ex.authority is None:
+            if ex.version == b"1.1":
+                raise _RequestError(400, b"missing host header")  # RFC 9112 §3.2
+            ex.authority = b""
+        if not self._parser.should_upgrade():
+            ex._upgrade = None  # Upgrade without "Connection: upgrade" is just a header
+
+    @staticmethod
+    def _absolute_form(ex: Exchange) -> None:
+        try:
+            url = httptools.parse_url(ex.target)
+        except httptools.HttpParserInvalidURLError:
+            raise _RequestError(400, b"invalid request target") from None
+        if not url.host:
+            raise _RequestError(400, b"invalid request target")
+        ex.authority = url.host if url.port is None else b"%s:%d" % (url.host, url.port)
+        path = url.path or b"/"
+        ex.target = path + b"?" + url.query if url.query is not None else path
+
+    # ================================================================== exchange lifecycle
+    def _activate(self, ex: Exchange) -> None:
+        """Make ``ex`` the active exchange: dispatch it and start forwarding or answering."""
+        self._active = ex
+        self._started = False
+        self._keep = ex._keep_alive and not self._draining
+        self._attempt = 0
+        self._retried = False
+        if ex._error is not None:
+            self._local_reply(ex, ex._error[0], ex._error[1], close=True)
+            return
+        try:
+            decision = self._dispatcher.dispatch(ex)
+        except Exception:
+            logger.exception("dispatch failed for %r", ex)
+            decision = LocalReply(500, b"internal error")
+        if isinstance(decision, LocalReply):
+            self._local_reply(ex, decision.status, decision.body, decision.headers, decision.close)
+            return
+        self._forward = decision
+        self._request_head = self._build_request_head(ex, decision)
+        if ex._body_done:
+            self._arm_timeout()
+        self._use_pool(decision.pool, fresh=False)
+
+    def _use_pool(self, pool: UpstreamPool, *, fresh: bool) -> None:
+        ex = self._active
+        assert ex is not None
+        ex.upstream = pool.key
+        self._pool = pool
+        conn = None if fresh else pool.take()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self._connect_task = self._loop.create_task(self._connect(ex, pool))
+
+    async def _connect(self, ex: Exchange, pool: UpstreamPool) -> None:
+        try:
+            conn = await pool.connect()
+        except Exception as exc:  # refused, unreachable, timeout; anything else is logged
+            self._connect_task = None
+            if not isinstance(exc, OSError | TimeoutError):
+                logger.warning("connect to %s failed", pool.key, exc_info=exc)
+            if self._active is ex and not self._closed:
+                self._connect_failed(ex)
+            return
+        self._connect_task = None
+        if self._active is not ex or self._closed:
+            pool.release(conn)  # fresh and unused: still good for someone else
+            return
+        self._attach(conn)
+
+    def _connect_failed(self, ex: Exchange) -> None:
+        fwd = self._forward
+        assert fwd is not None
+        while fwd.next_pool is not None and self._attempt < fwd.connect_retries:
+            self._attempt += 1
+            pool = fwd.next_pool(self._attempt)
+            if pool is None:
+                break
+            self._use_pool(pool, fresh=False)
+            return
+        ex.flags = "UF"
+        self._local_reply(ex, 503, CONNECT_FAILURE)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        """Send the request (head and whatever body we hold) on ``conn``."""
+        ex = self._active
+        assert ex is not None
+        self._upstream = conn
+        conn.attach(self, head_only=ex.method == b"HEAD", upgrade=ex._upgrade is not None)
+        if self._write_paused:
+            conn.pause_reading()
+        conn.write(self._request_head)
+        if ex._body:
+            body, ex._body, ex._buffered = ex._body, [], 0
+            if ex._upgrade is not None:
+                ex._body = body  # early tunnel bytes wait for the 101
+            elif ex._chunked:
+                for data in body:
+                    conn.write_body(b"%x\r\n" % len(data))
+                    conn.write_body(data)
+                    conn.write(_CRLF)
+            else:
+                for data in body:
+                    conn.write_body(data)
+            self._resume(_P_CONNECTING)
+        if ex._body_done:
+            self._request_sent()
+        if not self._in_feed:
+            conn.flush()
+
+    def _request_sent(self) -> None:
+        """The whole request is queued on the upstream connection."""
+        ex = self._active
+        conn = self._upstream
+        assert ex is not None and conn is not None
+        if ex._chunked:
+            conn.write(_LAST_CHUNK)
+        conn.request_done = True
+
+    def _arm_timeout(self) -> None:
+        """Start Forward.timeout: like Envoy's route timeout, from the end of the request."""
+        fwd = self._forward
+        if fwd is not None and fwd.timeout is not None and self._response_deadline is None:
+            self._response_deadline = deadline = self._loop.time() + fwd.timeout
+            self._set_deadline(deadline)
+
+    def _on_timeout(self) -> None:
+        self._response_deadline = None
+        ex = self._active
+        if ex is None or self._closed:
+            return
+        ex.flags = "UT"
+        self._drop_upstream()
+        if self._started:
+            self._abort()
+        else:
+            self._local_reply(ex, 504, UPSTREAM_TIMEOUT)
+
+    def _finish(self) -> None:
+        """The active exchange is answered: report it and move on to the next one."""
+        ex = self._active
+        assert ex is not None
+        self._active = None
+        self._forward = None
+        self._pool = None
+        self._upstream = None
+        self._request_head = b""
+        self._response_deadline = None
+        if self._paused:
+            self._resume(_P_UPSTREAM | _P_CONNECTING)
+        self.flush()
+        self._finished(ex)
+        if not self._keep or not ex._body_done or ex._upgrade is not None:
+            self._close()
+        elif self._queue:
+            # Not now: we may be inside the upstream parser's callback, and the next request
+            # could be handed the very connection that parser belongs to.
+            self._loop.call_soon(self._activate_next)
+        elif self._eof:
+            self._close()
+        else:
+            self._go_idle()
+
+    def _activate_next(self) -> None:
+        if self._closed or self._active is not None or not self._queue:
+            return
+        ex = self._queue.popleft()
+        if not self._queue:
+            self._resume(_P_QUEUE)
+        self._activate(ex)
+        if self._upstream is not None:
+            self._upstream.flush()
+        self.flush()
+
+    def _finished(self, ex: Exchange) -> None:
+        ex.end = self._loop.time()
+        try:
+            self._dispatcher.finished(ex)
+        except Exception:
+            logger.exception("finished() failed for %r", ex)
+
+    def _drop_upstream(self) -> None:
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            self._connect_task = None
+        conn = self._upstream
+        if conn is not None:
+            self._upstream = None
+            conn.abandon()
+
+    # ================================================================== ResponseSink
+    def interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        ex = self._active
+        if ex is None or ex.version != b"1.1":
+            return  # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client
+        parts = [_status_line(status)]
+        parts += _header_lines(headers, HOP_BY_HOP)
+        parts.append(_CRLF)
+        self._wbuf.append(b"".join(parts))
+
+    def head(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        content_length: bytes | None,
+        no_body: bool,
+        connection_tokens: frozenset[bytes],
+    ) -> None:
+        ex = self._active
+        fwd = self._forward
+        assert ex is not None and fwd is not None
+        ex.status = status
+        self._started = True
+        upgraded = status == 101
+        if not upgraded and (not ex._body_done or ex._upgrade is not None):
+            # Answered before the body ended, or an upgrade refused (what the client sent after
+            # its head is not HTTP): either way the client's framing cannot be trusted.
+            self._keep = False
+        drop = _RESPONSE_DROP
+        if connection_tokens:
+            drop = drop | connection_tokens
+        edit = fwd.response_headers
+        if edit is not None:
+            drop = drop | edit.drop
+        if upgraded:
+            drop = drop - _UPGRADE_KEEP  # a 101 names its new protocol
+        parts = [_STATUS_LINES.get(status) or _status_line(status)]
+        for name, value in headers:
+            if name not in drop:
+                parts += (name, b": ", value, _CRLF)
+        if upgraded:
+            self._mode = _M_NONE
+            parts.append(_UPGRADE_LINE)
+        elif no_body:
+            self._mode = _M_NONE
+            if content_length is not None:
+                parts += (b"content-length: ", content_length, _CRLF)
+        elif content_length is not None:
+            self._mode = _M_RAW
+            parts += (b"content-length: ", content_length, _CRLF)
+        elif ex.version == b"1.1":
+            self._mode = _M_CHUNKED
+            parts.append(_CHUNKED_LINE)
+        else:
+            self._mode = _M_RAW  # HTTP/1.0: the end of the connection delimits the body
+            self._keep = False
+        if edit is not None:
+            parts.append(edit.lines)
+        if fwd.set_cookie is not None:
+            parts.append(fwd.set_cookie)
+        if not upgraded:
+            if not self._keep:
+                parts.append(_CLOSE_LINE)
+            elif ex.version == b"1.0":
+                parts.append(_KEEP_ALIVE_LINE)
+        parts.append(_CRLF)
+        self._wbuf.append(b"".join(parts))
+        if upgraded:
+            self._start_tunnel(ex)
+
+    def body(self, data: bytes) -> None:
+        ex = self._active
+        assert ex is not None
+        ex.bytes_sent += len(data)
+        mode = self._mode
+        if mode == _M_RAW:
+            self._wbuf.append(data)
+        elif mode == _M_CHUNKED:
+            self._wbuf += (b"%x\r\n" % len(data), data, _CRLF)
+
+    def end(self) -> None:
+        if self._mode == _M_CHUNKED:
+            self._wbuf.append(_LAST_CHUNK)
+        self._upstream = None
+        self._finish()
+
+    def failed(self, reason: int, retryable: bool) -> None:
+        ex = self._active
+        self._upstream = None
+        if ex is None or self._closed:
+            return
+        if self._tunnel:
+            self._close()
+            return
+        protocol = reason == PROTOCOL_ERROR
+        if retryable and not self._retried and not protocol and not self._started:
+            # A stale keep-alive connection the server closed as we reused it; nothing of the
+            # request body went out, so sending it again cannot duplicate anything.
+            self._retried = True
+            assert self._pool is not None
+            self._use_pool(self._pool, fresh=True)
+            return
+        if ex.flags == "-":
+            ex.flags = "UPE" if protocol else "UC"
+        if self._started:
+            self._abort()  # mid-response: the client must see a truncated message
+        elif protocol:
+            self._local_reply(ex, 502, PROTOCOL_ERROR_TEXT)
+        else:
+            self._local_reply(ex, 503, CONNECTION_TERMINATION)
+
+    def upstream_paused(self, paused: bool) -> None:
+        if paused:
+            self._pause(_P_UPSTREAM)
+        else:
+            self._resume(_P_UPSTREAM)
+
+    def flush(self) -> None:
+        buf = self._wbuf
+        if not buf:
+            return
+        if not self._closed and self.transport is not None:
+            if len(buf) == 1:
+                self.transport.write(buf[0])
+            else:
+                self.transport.writelines(buf)
+        buf.clear()
+
+    # ================================================================== upgrade / tunnel
+    def _upgrade_data(self, rest: bytes) -> None:
+        """The parser stopped after an upgrade request; ``rest`` is already the new protocol."""
+        self._parsing = None
+        self._pause(_P_UPGRADE)
+        self._hold_upgrade_data(rest)
+
+    def _hold_upgrade_data(self, data: bytes) -> None:
+        ex = self._active
+        if ex is None and self._queue:
+            ex = self._queue[-1]
+        if ex is None or not data:
+            return
+        ex._body.append(data)
+        ex.bytes_received += len(data)
+
+    def _start_tunnel(self, ex: Exchange) -> None:
+        self._tunnel = True
+        self._mode = _M_NONE
+        conn = self._upstream
+        assert conn is not None
+        self._response_deadline = None  # a tunnel lives as long as its ends do
+        early, ex._body = ex._body, []
+        for data in early:
+            conn.write_body(data)
+        conn.flush()
+        self._resume(_P_UPGRADE)
+
+    def tunnel(self, data: bytes) -> None:
+        ex = self._active
+        if ex is not None:
+            ex.bytes_sent += len(data)
+        self._wbuf.append(data)
+
+    def _tunnel_out(self, data: bytes) -> None:
+        ex = self._active
+        conn = self._upstream
+        if ex is None or conn is None:
+            return
+        ex.bytes_received += len(data)
+        conn.write_raw(data)
+
+    # ================================================================== local replies, errors
+    def _local_reply(
+        self,
+        ex: Exchange,
+        status: int,
+        body: bytes,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+        close: bool = False,
+    ) -> None:
+        """Answer ``ex`` ourselves (text/plain) and finish it."""
+        if close or not ex._body_done or ex._upgrade is not None:
+            self._keep = False
+        parts = [
+            _status_line(status),
+            b"content-length: %d\r\ncontent-type: text/plain\r\n" % len(body),
+            _date_line(),
+            self._shared.server_line,
+        ]
+        for name, value in headers:
+            parts += (name, b": ", value, _CRLF)
+        if not self._keep:
+            parts.append(_CLOSE_LINE)
+        elif ex.version == b"1.0":
+            parts.append(_KEEP_ALIVE_LINE)
+        parts.append(_CRLF)
+        if ex.method != b"HEAD":
+            parts.append(body)
+            ex.bytes_sent = len(body)
+        ex.status = status
+        self._started = True
+        self._wbuf.append(b"".join(parts))
+        self._finish()
+
+    def _parse_error(self, exc: httptools.HttpParserError) -> None:
+        """The client sent something we cannot parse: reject it in turn and close."""
+        self._pause(_P_DONE)
+        self._head_open = False
+        cause = exc.__context__
+        if isinstance(cause, _StopParsing):
+            self._parsing = None
+            if self._queue:
+                self._queue[-1]._keep_alive = False
+            elif self._active is not None:
+                self._keep = False
+            return
+        if isinstance(cause, _RequestError):
+            status, text = cause.status, cause.text
+        elif cause is not None:  # raised by our own code inside a callback: a bug, not the client
+            logger.error("error handling a request from %s", self._peer, exc_info=cause)
+            status, text = 500, b"internal error"
+        else:
+            status, text = 400, b"bad request"
+            logger.debug("bad request from %s: %s", self._peer, exc)
+        ex = self._parsing
+        self._parsing = None
+        if ex is None:
+            ex = Exchange(self._peer, self._sock, self._loop.time())
+        ex._error = (status, text)
+        ex._body_done = True
+        ex._body = []
+        if status != 500:
+            ex.flags = "DPE"
+        if ex is self._active:
+            # The body of the request being forwarded is broken: the upstream got half of it.
+            self._drop_upstream()
+            if self._started:
+                self._abort()
+            else:
+                self._local_reply(ex, status, text, close=True)
+        elif ex in self._queue:
+            pass  # answered in its turn
+        elif self._active is None and not self._queue:
+            self._activate(ex)
+        else:
+            self._queue.append(ex)
+
+    def _abort(self) -> None:
+        """Close the client connection mid-response (the truncation tells it something broke)."""
+        self._keep = False
+        self._drop_upstream()
+        self.flush()
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # ================================================================== flow control
+    def _pause(self, bit: int) -> None:
+        if not self._paused and self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+        self._paused |= bit
+
+    def _resume(self, bits: int) -> None:
+        if self._paused & bits:
+            self._paused &= ~bits
+            if not self._paused and self.transport is not None and not self._closed:
+                self.transport.resume_reading()
+
+    # ================================================================== timers
+    # One timer per connection for every deadline it has (idle, request head, response), re-armed
+    # lazily: moving a deadline later costs nothing, the timer wakes at the old time, finds the
+    # new deadline and sleeps again. A timer is replaced only when a deadline moves earlier
+    # (idle 1 h -> a 15 s response timeout), so on a busy keep-alive connection with a route
+    # timeout the cost is one timer per timeout period instead of two timer calls per request.
+    def _go_idle(self) -> None:
+        self._idle_since = now = self._loop.time()
+        if self._timer is None or self._timer_at > now + self._idle_timeout:
+            self._set_deadline(now + self._idle_timeout)
+
+    def _set_deadline(self, at: float) -> None:
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer)
+
+    def _head_still_open(self, size: int, same_head: bool) -> None:
+        """After a read that did not complete a head: bound what httptools holds, arm 408."""
+        if same_head:
+            self._head_unparsed += size
+            if self._head_unparsed > self._max_head:
+                self._reject_open_head(431, b"request header fields too large")
+                return
+        ex = self._parsing
+        if ex is not None:
+            self._set_deadline(ex.start + self._header_timeout)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        now = self._loop.time()
+        deadlines = []
+        if self._response_deadline is not None:  # only ever set while an exchange is active
+            if now >= self._response_deadline:
+                self._on_timeout()  # 504 then idle (which re-arms), or abort
+                return
+            deadlines.append(self._response_deadline)
+        ex = self._parsing
+        if self._head_open and ex is not None:
+            head_deadline = ex.start + self._header_timeout
+            if now >= head_deadline:
+                self._reject_open_head(408, b"request timeout")
+                return
+            deadlines.append(head_deadline)
+        elif self._active is None and not self._queue:
+            idle_deadline = self._idle_since + self._idle_timeout
+            if now >= idle_deadline:
+                self._close()
+                return
+            deadlines.append(idle_deadline)
+        if deadlines:
+            self._set_deadline(min(deadlines))
+        # else busy with no response deadline: _go_idle re-arms when the exchange ends
+
+    def _reject_open_head(self, status: int, text: bytes) -> None:
+        ex = self._parsing
+        self._pause(_P_DONE)
+        self._head_open = False
+        self._parsing = None
+        if ex is None:
+            return
+        ex._error = (status, text)
+        ex._body_done = True
+        if status == 431:
+            ex.flags = "DPE"
+        if self._active is None and not self._queue:
+            self._activate(ex)
+        else:
+            self._queue.append(ex)
+
+    # ================================================================== request head
+    def _build_request_head(self, ex: Exchange, fwd: Forward) -> bytes:
+        target = fwd.target if fwd.target is not None else ex.target
+        authority = fwd.authority if fwd.authority is not None else ex.authority
+        if not authority:
+            authority = fwd.pool.key.encode()
+        # The proxy's own headers count as received ones: a route edit may remove or set them.
+        edit = fwd.request_headers
+        edited = edit.drop if edit is not None else _NOTHING
+        parts = [ex.method, b" ", target, b" HTTP/1.1\r\n"]
+        if b"host" not in edited:
+            parts += (b"host: ", authority, _CRLF)
+        drop = self._request_drop
+        if ex._conn_tokens:
+            drop = drop | ex._conn_tokens
+        if edit is not None:
+            drop = drop | edited
+        for name, value in ex.headers:
+            if name not in drop:
+                parts += (name, b": ", value, _CRLF)
+        if self._xff:
+            if b"x-forwarded-for" not in edited:
+                xff = self._peer_ip if ex._xff is None else ex._xff + b", " + self._peer_ip
+                parts += (b"x-forwarded-for: ", xff, _CRLF)
+            if b"x-forwarded-proto" not in edited:
+                parts.append(self._proto_line)
+        if b"x-request-id" not in edited:
+            parts += (b"x-request-id: ", ex.request_id, _CRLF)
+        if ex._upgrade is not None:
+            parts += (b"upgrade: ", ex._upgrade, _CRLF, _UPGRADE_LINE)
+        elif ex._chunked:
+            parts.append(_CHUNKED_LINE)
+        elif ex._cl is not None:
+            parts += (b"content-length: ", ex._cl, _CRLF)
+        if edit is not None:
+            parts.append(edit.lines)
+        parts.append(_CRLF)
+        return b"".join(parts)
+
+    # ================================================================== drain
+    def shutdown(self) -> None:
+        """Stop taking requests: close now if idle, else after the current response."""
+        self._draining = True
+        self._keep = False
+        if self._active is None and not self._queue and not self._head_open:
+            self._close()
+
+
+class Connections:
+    """The live client connections of one or more listeners, for a graceful drain.
+
+    conns = Connections()
+    server = await serve(dispatcher, "0.0.0.0", 8080, connections=conns)
+    ...
+    server.close()
+    conns.shutdown()                 # idle ones close now, busy ones after their response
+    async with asyncio.timeout(grace):   # then the caller may conns.abort() the rest
+        await conns.wait_closed()
+    """
+
+    __slots__ = ("_conns", "_empty")
+
+    def __init__(self) -> None:
+        self._conns: set[HttpConnection] = set()
+        self._empty: asyncio.Event | None = None
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def add(self, conn: HttpConnection) -> None:
+        self._conns.add(conn)
+
+    def discard(self, conn: HttpConnection) -> None:
+        self._conns.discard(conn)
+        if not self._conns and self._empty is not None:
+            self._empty.set()
+
+    def shutdown(self) -> None:
+        for conn in list(self._conns):
+            conn.shutdown()
+
+    def abort(self) -> None:
+        for conn in list(self._conns):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    async def wait_closed(self) -> None:
+        """Until every connection closed (wrap in ``asyncio.timeout`` for a grace period)."""
+        if not self._conns:
+            return
+        self._empty = asyncio.Event()
+        await self._empty.wait()
+
+
+async def serve(
+    dispatcher: Dispatcher,
+    host: str | None,
+    port: int | None,
+    settings: ServerSettings = ServerSettings(),
+    *,
+    reuse_port: bool = False,
+    sock: socket.socket | None = None,
+    connections: Connections | None = None,
+    backlog: int = 1024,
+) -> asyncio.Server:
+    """Listen on ``host:port`` (or on ``sock``) and proxy every request through ``dispatcher``."""
+    shared = _Shared(dispatcher, settings, connections)
+    loop = asyncio.get_running_loop()
+    if sock is not None:
+        return await loop.create_server(lambda: HttpConnection(shared), sock=sock, backlog=backlog)
+    if port is None:
+        raise ValueError("port is required without sock")
+    return await loop.create_server(
+        lambda: HttpConnection(shared),
+        host,
+        port,
+        reuse_port=reuse_port or None,
+        backlog=backlog,
+    )

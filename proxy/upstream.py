@@ -1,0 +1,501 @@
+"""Upstream side of the data plane: keep-alive pools and the response reader.
+
+Theory of operation
+-------------------
+An :class:`UpstreamPool` holds idle keep-alive connections to one endpoint ("ip:port"). It is
+long-lived (the cluster code keeps one per endpoint across config snapshots), so it takes the
+running loop lazily and never assumes it was built inside one.
+
+An :class:`UpstreamConnection` carries one exchange at a time (no pipelining upstream: a response
+can be matched to its request only by order, and a reset would then lose every request behind
+it). While it serves an exchange it is *attached* to a :class:`ResponseSink` — the downstream
+connection in ``http1`` — and reports the response through a handful of calls:
+
+    interim(status, headers)     1xx other than 101, zero or more times
+    head(status, headers, ...)   the final response head
+    body(data) ... end()         body bytes as httptools delivers them, then the end
+    tunnel(data)                 after 101: raw bytes from the upstream
+    failed(reason, retryable)    the connection died or spoke garbage; the sink maps it to
+                                 502/503 or a truncated response (see http1's table)
+
+The connection decides whether it may be reused (upstream keep-alive, request fully written,
+response fully read, request cap) and returns itself to its pool *before* telling the sink the
+exchange ended; the sink never touches pooling. Idle connections keep reading: a FIN or RST from
+the server while idle lands in ``connection_lost`` and drops the connection from the pool, and
+any byte from the server while idle is a protocol violation that closes it.
+
+Why a fresh parser after HEAD: httptools does not let ``on_headers_complete`` say "no body"
+(llhttp supports it, the binding reserves the return value for upgrades), so a response to HEAD
+with ``Content-Length: 5`` would leave the parser waiting for five body bytes. We end the
+exchange at the head ourselves and give the next exchange a new parser.
+
+Writes are batched: the sink queues bytes with :meth:`UpstreamConnection.write` while it parses
+a read from the client, then calls :meth:`flush` once, so a small request head and body go out
+in one ``send``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from typing import Final, Protocol, cast
+
+import httptools
+
+__all__ = ["PROTOCOL_ERROR", "RESET", "ResponseSink", "UpstreamConnection", "UpstreamPool"]
+
+logger = logging.getLogger("proxy.upstream")
+
+MAX_RESPONSE_HEAD: Final = 60 * 1024  # Envoy's max_response_headers_kb default
+
+# Why an attached exchange failed (argument of ResponseSink.failed).
+RESET: Final = 1  # connection closed/reset by the upstream before the response ended
+PROTOCOL_ERROR: Final = 2  # the upstream sent something that is not HTTP/1.x
+
+_KEEP_ALIVE_TOKENS: Final = frozenset({b"close", b"keep-alive"})
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
+class ResponseSink(Protocol):
+    """What an attached upstream connection reports to (implemented by ``http1``)."""
+
+    def interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    def head(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        content_length: bytes | None,
+        no_body: bool,
+        connection_tokens: frozenset[bytes],
+    ) -> None: ...
+
+    def body(self, data: bytes) -> None: ...
+
+    def end(self) -> None: ...
+
+    def tunnel(self, data: bytes) -> None: ...
+
+    def failed(self, reason: int, retryable: bool) -> None: ...
+
+    def upstream_paused(self, paused: bool) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class _Unexpected(Exception):
+    """Raised inside a parser callback when the upstream talks while no exchange is attached."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to an upstream endpoint."""
+
+    __slots__ = (
+        "_body_sent",
+        "_chunked",
+        "_conn_tokens",
+        "_content_length",
+        "_final",
+        "_got_bytes",
+        "_head_bytes",
+        "_head_only",
+        "_headers",
+        "_parser",
+        "_parser_stale",
+        "_reading_paused",
+        "_sink",
+        "_tunnel",
+        "_upgrade",
+        "_wbuf",
+        "closed",
+        "idle_since",
+        "pool",
+        "request_done",
+        "requests",
+        "transport",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        # per-connection state
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.requests = 0  # exchanges completed on this connection
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._parser_stale = False
+        self._sink: ResponseSink | None = None
+        self._wbuf: list[bytes] = []
+        self.closed = False  # closing or closed: never pooled, never written
+        self._reading_paused = False
+        self._tunnel = False
+        # per-exchange state (reset by attach)
+        self.request_done = False  # the whole request (head + body + terminator) is queued
+        self._body_sent = False  # a request body byte was queued: never replay
+        self._got_bytes = False  # a response byte arrived: never replay
+        self._head_bytes = 0  # bytes read while the response head is incomplete
+        self._head_only = False
+        self._upgrade = False
+        self._final = False  # final (non-1xx) head delivered
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._content_length: bytes | None = None
+        self._chunked = False
+        self._conn_tokens: frozenset[bytes] = frozenset()
+
+    # ------------------------------------------------------------------ used by the sink
+    @property
+    def reused(self) -> bool:
+        """True when this connection already served an exchange (it may have gone stale)."""
+        return self.requests > 0
+
+    def attach(self, sink: ResponseSink, *, head_only: bool, upgrade: bool) -> None:
+        """Start an exchange: responses are reported to ``sink`` until ``end``/``failed``."""
+        self._sink = sink
+        self.request_done = False
+        self._body_sent = False
+        self._got_bytes = False
+        self._head_bytes = 0
+        self._head_only = head_only
+        self._upgrade = upgrade
+        self._final = False
+        if self._parser_stale:
+            self._parser = httptools.HttpResponseParser(self)
+            self._parser_stale = False
+
+    def write(self, data: bytes) -> None:
+        """Queue request head/framing bytes; sent by :meth:`flush`."""
+        self._wbuf.append(data)
+
+    def write_body(self, data: bytes) -> None:
+        """Queue request body bytes (from then on the request is never replayed)."""
+        self._body_sent = True
+        self._wbuf.append(data)
+
+    def flush(self) -> None:
+        buf = self._wbuf
+        if not buf:
+            return
+        if self.closed or self.transport is None:
+            buf.clear()
+            return
+        if len(buf) == 1:
+            self.transport.write(buf[0])
+        else:
+            self.transport.writelines(buf)
+        buf.clear()
+
+    def write_raw(self, data: bytes) -> None:
+        """Tunnel bytes from the client, written at once."""
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and not self.closed and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            if not self.closed and self.transport is not None:
+                self.transport.resume_reading()
+
+    def abandon(self, *, graceful: bool = False) -> None:
+        """Detach and drop the connection (client gone, timeout): never pooled again.
+
+        ``graceful`` flushes what is queued first (the end of a tunnel), else the connection
+        is reset at once (an aborted request must not look complete to the server).
+        """
+        self._sink = None
+        self.close(abort=not graceful)
+
+    def close(self, *, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._wbuf.clear()
+        self.pool.discard(self)
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+    # ------------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is None:
+            # A server may only speak when asked; anything else means the framing is lost.
+            self.close(abort=True)
+            return
+        if self._tunnel:
+            sink.tunnel(data)
+            sink.flush()
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            rest = data[exc.args[0] :]
+            if rest and self._sink is not None:
+                self._sink.tunnel(rest)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if cause is not None and not isinstance(cause, _Unexpected):
+                # Raised by the sink's code inside a callback: a bug, not the upstream's fault.
+                logger.error("error relaying a response from %s", self.pool.key, exc_info=cause)
+            self._fail(PROTOCOL_ERROR)
+            return
+        if self._sink is None:
+            return  # the exchange ended in this read (and the sink wrote its last bytes)
+        if not self._final:
+            # Still in the head: httptools holds it all, so bound it (Envoy: 60 KiB).
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD:
+                self._fail(PROTOCOL_ERROR)
+                return
+        sink.flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close; connection_lost decides what the EOF meant
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_closed = self.closed
+        self.closed = True
+        self._wbuf.clear()
+        if not was_closed:
+            self.pool.discard(self)
+        sink = self._sink
+        if sink is None:
+            return
+        if (
+            exc is None
+            and self._final
+            and not self._tunnel
+            and self._content_length is None
+            and not self._chunked
+        ):
+            # A body delimited by the end of the connection: a clean close (FIN) *is* its end.
+            # A reset is not: the client must see a truncated response, not a complete one.
+            self._sink = None
+            sink.end()
+            return
+        self._fail(RESET)
+
+    def pause_writing(self) -> None:
+        if self._sink is not None:
+            self._sink.upstream_paused(True)
+
+    def resume_writing(self) -> None:
+        if self._sink is not None:
+            self._sink.upstream_paused(False)
+
+    # ------------------------------------------------------------------ httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._sink is None:
+            raise _Unexpected
+        self._headers = []
+        self._content_length = None
+        self._chunked = False
+        self._conn_tokens = frozenset()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._final:
+            return  # trailers: HTTP/1.1 to the client has no place for them, like Envoy
+        name = name.lower()
+        self._headers.append((name, value))
+        if name in _FRAMING:
+            self._framing_header(name, value)
+
+    def _framing_header(self, name: bytes, value: bytes) -> None:
+        if name == b"content-length":
+            self._content_length = value
+        elif name == b"transfer-encoding":
+            # llhttp only treats the body as chunked when chunked is the last coding;
+            # any other coding means "read until close" (RFC 9112 §6.3).
+            self._chunked = value.rstrip().lower().endswith(b"chunked")
+        else:  # connection: the headers it names are hop-by-hop too
+            value = value.lower()
+            if value not in _KEEP_ALIVE_TOKENS:
+                tokens = frozenset(t.strip() for t in value.split(b","))
+                self._conn_tokens |= tokens - _KEEP_ALIVE_TOKENS
+
+    def on_headers_complete(self) -> None:
+        sink = self._sink
+        if sink is None:
+            raise _Unexpected
+        status = self._parser.get_status_code()
+        if status < 200 and status != 101:
+            sink.interim(status, self._headers)
+            return
+        if status == 101 and not self._upgrade:
+            raise _Unexpected  # 101 to a request that did not ask for it
+        self._final = True
+        if self._chunked:
+            self._content_length = None  # RFC 9112 §6.3: TE overrides CL (llhttp rejects both)
+        no_body = self._head_only or status in (204, 304)
+        sink.head(status, self._headers, self._content_length, no_body, self._conn_tokens)
+        if status == 101:
+            self._tunnel = True
+        elif self._head_only:
+            self._parser_stale = True  # see module docstring
+            self._complete(reusable=self._parser.should_keep_alive())
+
+    def on_body(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is None:
+            raise _Unexpected  # e.g. a body after a response to HEAD
+        sink.body(data)
+
+    def on_message_complete(self) -> None:
+        if not self._final or self._tunnel or self._sink is None:
+            return  # end of a 1xx, of a 101 head, or of a HEAD response we already ended
+        self._complete(reusable=self._parser.should_keep_alive())
+
+    # ------------------------------------------------------------------ internals
+    def _complete(self, *, reusable: bool) -> None:
+        sink = self._sink
+        assert sink is not None
+        self._sink = None
+        self.requests += 1
+        pool = self.pool
+        if (
+            reusable
+            and self.request_done
+            and not self.closed
+            and (
+                not pool.max_requests_per_connection
+                or self.requests < pool.max_requests_per_connection
+            )
+        ):
+            if self._reading_paused:
+                self.resume_reading()
+            pool.release(self)
+        else:
+            self.close()
+        sink.end()
+
+    def _fail(self, reason: int) -> None:
+        sink = self._sink
+        self._sink = None
+        retryable = self.reused and not self._body_sent and not self._got_bytes
+        self.close(abort=reason == PROTOCOL_ERROR)
+        if sink is not None:
+            sink.failed(reason, retryable)
+
+
+class UpstreamPool:
+    """Keep-alive connections to one endpoint: a bounded LIFO of idle ones.
+
+    LIFO keeps the hottest connections busy and lets the oldest ones age out: idle connections
+    sit in a deque ordered by the time they went idle, so one timer on the oldest is enough.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_idle",
+        "_loop",
+        "_timer",
+        "connect_timeout",
+        "host",
+        "idle_timeout",
+        "key",
+        "max_idle",
+        "max_requests_per_connection",
+        "opened",
+        "port",
+    )
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        max_idle: int = 64,
+        idle_timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        max_requests_per_connection: int = 0,
+    ) -> None:
+        if not 0 < port < 65536:
+            raise ValueError(f"port out of range: {port}")
+        if max_idle < 0 or idle_timeout <= 0 or connect_timeout <= 0:
+            raise ValueError("max_idle must be >= 0, timeouts > 0")
+        self.host = host
+        self.port = port
+        self.key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.max_requests_per_connection = max_requests_per_connection
+        self.opened = 0  # connections ever opened (metrics, tests)
+        self._idle: collections.deque[UpstreamConnection] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<UpstreamPool {self.key} idle={len(self._idle)} opened={self.opened}>"
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def take(self) -> UpstreamConnection | None:
+        """The most recently used idle connection, or None (then call :meth:`connect`)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:  # (closed ones remove themselves; belt and braces)
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection; raises OSError (refused, unreachable) or TimeoutError."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout):
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(self), self.host, self.port
+            )
+        self.opened += 1
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Take back a connection whose exchange ended cleanly."""
+        if self._closed or len(self._idle) >= self.max_idle:
+            conn.close()
+            return
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
+        self._idle.append(conn)
+        if self._timer is None:
+            self._timer = loop.call_at(conn.idle_since + self.idle_timeout, self._expire)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """Forget a connection that closed (called by the connection itself)."""
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+
+    async def close(self) -> None:
+        """Close idle connections; in-flight ones finish and are closed on release."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._idle:
+            self._idle.pop().close()
+
+    def _expire(self) -> None:
+        self._timer = None
+        assert self._loop is not None
+        deadline = self._loop.time() - self.idle_timeout
+        idle = self._idle
+        while idle and idle[0].idle_since <= deadline:
+            idle.popleft().close()
+        if idle:
+            self._timer = self._loop.call_at(idle[0].idle_since + self.idle_timeout, self._expire)
