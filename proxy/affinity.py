@@ -64,7 +64,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import xxhash
+from proxy.hashing import combine_hashes, xxh64
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +111,6 @@ class SourceIPPolicy:
 
 HashPolicy = CookiePolicy | HeaderPolicy | QueryParameterPolicy | SourceIPPolicy
 
-_MASK64 = 0xFFFFFFFFFFFFFFFF
-_xxh64_int = xxhash.xxh64_intdigest
 
 # Inline request headers of Envoy's RequestHeaderMap (envoy/http/header_map.h
 # INLINE_REQ_HEADERS / INLINE_REQ_RESP_HEADERS), limited to names a client can usefully send;
@@ -146,20 +144,6 @@ _OWS = b" \t"
 _COOKIE = b"cookie"
 
 
-def _xxh64(data: bytes | str, seed: int = 0) -> int:
-    """XXH64 as Envoy's ``HashUtil::xxHash64`` (seed 0 unless chaining)."""
-    if isinstance(data, str):
-        data = data.encode()
-    return int(_xxh64_int(data, seed))
-
-
-def _combine(old: int | None, new: int) -> int:
-    """Envoy's fold: rotate the accumulated hash left by one bit, then XOR the new one."""
-    if old is None:
-        return new
-    return (((old << 1) | (old >> 63)) & _MASK64) ^ new
-
-
 def format_address(host: str, port: int) -> str:
     """Envoy's ``Address::Instance::asString``: ``1.2.3.4:80``, ``[::1]:80``."""
     if ":" in host and not host.startswith("["):
@@ -169,7 +153,7 @@ def format_address(host: str, port: int) -> str:
 
 def generated_cookie_value(remote: str, local: str) -> str:
     """The value Envoy invents for an absent cookie: hex of xxh64(remote + local), 16 digits."""
-    return f"{_xxh64(remote + local):016x}"
+    return f"{xxh64(remote + local):016x}"
 
 
 def set_cookie_value(policy: CookiePolicy, value: str) -> str:
@@ -231,12 +215,12 @@ def _header_hash(headers: Sequence[tuple[bytes, bytes]], name: bytes, inline: bo
     if not values:
         return None
     if inline:
-        return _xxh64(b",".join(value for value in values if value))
+        return xxh64(b",".join(value for value in values if value))
     values.sort()
     seed = 0
     for value in values:
-        seed = _xxh64_int(value, seed)
-    return int(seed)
+        seed = xxh64(value, seed)
+    return seed
 
 
 _KIND_COOKIE = 0
@@ -309,24 +293,24 @@ class Affinity:
             if kind == _KIND_COOKIE:
                 value = parse_cookie(headers, name)
                 if value:
-                    new = _xxh64(value)
+                    new = xxh64(value)
                 elif flag:
                     if generated is None:
                         generated = generated_cookie_value(
                             format_address(*remote), format_address(*local)
                         )
-                    new = _xxh64(generated)
+                    new = xxh64(generated)
                 else:
                     new = None
             elif kind == _KIND_HEADER:
                 new = _header_hash(headers, name, flag)
             elif kind == _KIND_QUERY:
                 found = query_first_value(target, name)
-                new = None if found is None else _xxh64(found)
+                new = None if found is None else xxh64(found)
             else:
-                new = _xxh64(remote[0]) if remote[0] else None
+                new = xxh64(remote[0]) if remote[0] else None
             if new is not None:
-                result = _combine(result, new)
+                result = combine_hashes(result, new)
             if terminal and result is not None:
                 break
         return result, generated

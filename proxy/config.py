@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from proxy.affinity import HashPolicy
+from proxy.affinity import HashPolicy, format_address
 
 Labels = tuple[tuple[str, str], ...]
 """Labels as sorted ``(key, value)`` pairs: hashable, comparable, order-independent."""
@@ -76,9 +76,7 @@ class ConfigError(Exception):
 
 def endpoint_key(address: str, port: int) -> str:
     """Envoy's address text: ``1.2.3.4:80``, ``[::1]:80``, ``host:80``."""
-    if ":" in address and not address.startswith("["):
-        return f"[{address}]:{port}"
-    return f"{address}:{port}"
+    return format_address(address, port)
 
 
 @dataclass(frozen=True, slots=True)

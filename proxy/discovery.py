@@ -13,7 +13,6 @@ builds the same ring, whatever order the resolver returned the records in.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +21,7 @@ from dataclasses import replace
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import ThreadedResolver
 
-from proxy.config import DnsEndpoints, Endpoint, StaticEndpoints
+from proxy.config import DnsEndpoints, Endpoint, StaticEndpoints, is_ip
 
 log = logging.getLogger("proxy.discovery")
 
@@ -31,14 +30,6 @@ DEFAULT_DNS_REFRESH = 5.0  # seconds; Envoy's default dns_refresh_rate
 
 class DiscoveryError(Exception):
     """A DNS lookup failed; the caller keeps the endpoints it had."""
-
-
-def is_ip_literal(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
 
 
 def sort_endpoints(endpoints: Sequence[Endpoint]) -> tuple[Endpoint, ...]:
@@ -53,7 +44,7 @@ async def resolve_targets(
     """Every A/AAAA record of every target becomes an endpoint with the target's port and weight."""
     resolved: list[Endpoint] = []
     for target in targets:
-        if is_ip_literal(target.address):
+        if is_ip(target.address):
             resolved.append(target)
             continue
         try:
