@@ -18,6 +18,9 @@ What the client sees when something goes wrong (the one place failures become re
       LocalReply(...)                                 as given (404 no route, 503 ...)      its own
       dispatch() raised                               500 Internal Server Error             -
     upstream
+      circuit breaker full (max connections and       503 upstream connect error or
+        pending requests, see proxy.upstream)             disconnect/reset before headers.
+                                                          reset reason: overflow            UO
       connect refused / connect timeout               503 upstream connect error or
         (after Forward.next_pool attempts)                disconnect/reset before headers.
                                                           reset reason: connection failure  UF
@@ -26,7 +29,40 @@ What the client sees when something goes wrong (the one place failures become re
          but a head sent is first retried once)
       not HTTP (bad status line, bad chunk, ...)      502 ... reset reason: protocol error  UPE
       no complete response within Forward.timeout     504 upstream request timeout          UT
+        or the retry plan's per-try timeout
       any of these after the response head was sent   connection closed (truncated body)    same
+
+Retries (Forward.retry, a RetryPlan precomputed per route from the VirtualService ``retries``)
+----------------------------------------------------------------------------------------------
+Envoy's router, with one deliberate difference. A failure is retried while the plan has attempts
+left, the cluster's ``max_retries`` breaker has room, nothing of the response reached the client,
+and the request can be sent again:
+
+    what failed                          retried when retryOn has              goes to
+    -----------------------------------  ------------------------------------  ----------------
+    connect refused/timeout (UF)         connect-failure, reset,               the next distinct
+      nothing was sent                     reset-before-request, 5xx,          endpoint on the
+                                           gateway-error                       ring, at once (*)
+    reset / protocol error after send    reset, 5xx, gateway-error             same endpoint (**)
+    response status                      5xx (500-599), gateway-error          same endpoint (**)
+                                           (502-504), retriable-4xx (409),
+                                           retriable-status-codes / bare codes
+    per-try timeout                      reset, 5xx, gateway-error             same endpoint (**)
+
+(*) Istio keeps every retry of a consistent-hash route on the pod the hash chose, so a dead pod
+fails the request until outlier detection ejects it. A connect failure sent nothing, so moving it
+to the next pod on the ring cannot duplicate anything: we do, and that is the difference.
+(**) or the next distinct endpoint when the plan avoids previous hosts (Istio's default on routes
+that do not hash; ``retryIgnorePreviousHosts`` decides when given).
+
+"Sent again" means: the request had no body, or its whole body is held in the replay buffer
+(``RetryPlan.replay_limit``, 64 KiB); a longer body, an upgrade, or a request whose body had not
+ended yet is never replayed. A retried response is read to its end and dropped (its connection
+stays reusable); the retry waits Envoy's jittered back-off (25 ms base) except after a connect
+failure. gRPC tokens (cancelled, unavailable, ...) and refused-stream need HTTP/2 and never match.
+
+Every attempt reports its outcome to ``UpstreamPool.monitor`` (outlier detection): the status,
+503 for a connect failure or a reset, 504 for a timeout; an overflow reports nothing (Envoy).
 
 Theory of operation
 -------------------
@@ -60,8 +96,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -72,7 +110,15 @@ from typing import Final, Protocol, cast
 
 import httptools
 
-from proxy.upstream import PROTOCOL_ERROR, UpstreamConnection, UpstreamPool
+from proxy.config import RetryPolicy
+from proxy.upstream import (
+    OPEN,
+    PROTOCOL_ERROR,
+    QUEUED,
+    CircuitBreaker,
+    UpstreamConnection,
+    UpstreamPool,
+)
 
 __all__ = [
     "Connections",
@@ -82,8 +128,10 @@ __all__ = [
     "HeaderEdit",
     "HttpConnection",
     "LocalReply",
+    "RetryPlan",
     "ServerSettings",
     "UpstreamPool",
+    "retry_plan",
     "serve",
 ]
 
@@ -96,6 +144,9 @@ CONNECT_FAILURE: Final = (
 CONNECTION_TERMINATION: Final = (
     b"upstream connect error or disconnect/reset before headers. "
     b"reset reason: connection termination"
+)
+OVERFLOW_TEXT: Final = (
+    b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
 )
 PROTOCOL_ERROR_TEXT: Final = (
     b"upstream connect error or disconnect/reset before headers. reset reason: protocol error"
@@ -240,6 +291,138 @@ class LocalReply:
     close: bool = False
 
 
+# retryOn conditions (bits of RetryPlan.on)
+RETRY_5XX: Final = 1
+RETRY_GATEWAY_ERROR: Final = 2
+RETRY_RESET: Final = 4
+RETRY_CONNECT_FAILURE: Final = 8
+RETRY_RESET_BEFORE_REQUEST: Final = 16
+RETRY_RETRIABLE_4XX: Final = 32
+RETRY_STATUS_CODES: Final = 64
+_RETRY_ON_BITS: Final = {
+    "5xx": RETRY_5XX,
+    "gateway-error": RETRY_GATEWAY_ERROR,
+    "reset": RETRY_RESET,
+    "connect-failure": RETRY_CONNECT_FAILURE,
+    "reset-before-request": RETRY_RESET_BEFORE_REQUEST,
+    "retriable-4xx": RETRY_RETRIABLE_4XX,
+    "retriable-status-codes": RETRY_STATUS_CODES,
+}
+_ON_RESET: Final = RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET
+_ON_CONNECT: Final = _ON_RESET | RETRY_CONNECT_FAILURE | RETRY_RESET_BEFORE_REQUEST
+REPLAY_LIMIT: Final = 64 * 1024
+BACKOFF_BASE: Final = 0.025  # Envoy's default base retry interval
+
+
+class RetryPlan:
+    """A route's retry policy, precomputed for the request path (see the module docstring).
+
+    ``statuses`` holds every response status that triggers a retry (5xx expanded, 409 for
+    retriable-4xx, the bare codes), so deciding costs one set lookup per response.
+
+        plan = RetryPlan.from_policy(RetryPolicy())   # Istio's default: 2 attempts, 503
+    """
+
+    __slots__ = (
+        "attempts",
+        "backoff",
+        "on",
+        "on_connect",
+        "on_reset",
+        "other_hosts",
+        "per_try_timeout",
+        "replay_limit",
+        "statuses",
+    )
+
+    def __init__(
+        self,
+        attempts: int,
+        on: int,
+        codes: Iterable[int] = (),
+        *,
+        per_try_timeout: float | None = None,
+        other_hosts: bool = False,
+        backoff: float = BACKOFF_BASE,
+        replay_limit: int = REPLAY_LIMIT,
+    ) -> None:
+        if attempts < 0 or replay_limit < 0 or backoff < 0:
+            raise ValueError("attempts, replay_limit and backoff must be >= 0")
+        if per_try_timeout is not None and per_try_timeout <= 0:
+            raise ValueError("per_try_timeout must be > 0")
+        self.attempts = attempts
+        self.on = on
+        statuses: set[int] = set()
+        if on & RETRY_5XX:
+            statuses.update(range(500, 600))
+        if on & RETRY_GATEWAY_ERROR:
+            statuses.update((502, 503, 504))
+        if on & RETRY_RETRIABLE_4XX:
+            statuses.add(409)
+        if on & RETRY_STATUS_CODES:
+            statuses.update(codes)
+        self.statuses = frozenset(statuses)
+        self.on_connect = bool(on & _ON_CONNECT)
+        self.on_reset = bool(on & _ON_RESET)  # resets, protocol errors and per-try timeouts
+        self.per_try_timeout = per_try_timeout
+        self.other_hosts = other_hosts
+        self.backoff = backoff
+        self.replay_limit = replay_limit
+
+    def __repr__(self) -> str:
+        return (
+            f"<RetryPlan attempts={self.attempts} on={self.on:#x} "
+            f"statuses={sorted(self.statuses)[:8]} per_try={self.per_try_timeout}>"
+        )
+
+    @classmethod
+    def from_policy(cls, policy: RetryPolicy | None) -> RetryPlan | None:
+        """None when the route does not retry (``attempts: 0``)."""
+        if policy is None or policy.attempts <= 0:
+            return None
+        on = 0
+        for token in policy.retry_on:
+            on |= _RETRY_ON_BITS.get(token, 0)
+        return cls(
+            policy.attempts,
+            on,
+            policy.retriable_status_codes,
+            per_try_timeout=policy.per_try_timeout,
+            other_hosts=policy.retry_previous_hosts,
+            backoff=policy.backoff if policy.backoff else BACKOFF_BASE,
+        )
+
+    def connect_retries(self, endpoints: int) -> int:
+        """How many connect failures may move on to another endpoint (``endpoints`` in all)."""
+        return min(self.attempts, endpoints - 1) if self.on_connect else 0
+
+    def delay(self, retry: int) -> float:
+        """Envoy's fully jittered exponential back-off before retry number ``retry`` (1, 2...)."""
+        cap = min(self.backoff * (1 << min(retry - 1, 16)), 10 * self.backoff)
+        return random.random() * cap
+
+
+_plans: dict[int, tuple[RetryPolicy, RetryPlan | None]] = {}
+
+
+def retry_plan(policy: RetryPolicy | None) -> RetryPlan | None:
+    """:meth:`RetryPlan.from_policy`, memoised per policy object (routes are built once).
+
+    Keyed by identity: hashing a frozen dataclass costs a tuple of its fields on every call.
+    The entry keeps its policy alive, so an id is never reused while it is cached.
+    """
+    if policy is None:
+        return None
+    hit = _plans.get(id(policy))
+    if hit is not None and hit[0] is policy:
+        return hit[1]
+    if len(_plans) > 4096:
+        _plans.clear()  # old configs after many reloads
+    plan = RetryPlan.from_policy(policy)
+    _plans[id(policy)] = (policy, plan)
+    return plan
+
+
 class Forward:
     """Send the request to ``pool`` (see the field comments for the rest)."""
 
@@ -250,6 +433,7 @@ class Forward:
         "pool",
         "request_headers",
         "response_headers",
+        "retry",
         "set_cookie",
         "target",
         "timeout",
@@ -267,6 +451,7 @@ class Forward:
         timeout: float | None = None,
         next_pool: Callable[[int], UpstreamPool | None] | None = None,
         connect_retries: int = 0,
+        retry: RetryPlan | None = None,
     ) -> None:
         self.pool = pool
         self.target = target  # rewritten request-target, None = unchanged
@@ -277,8 +462,12 @@ class Forward:
         # From the end of the request to the end of the response (Envoy's route timeout).
         self.timeout = timeout
         # After a connect failure (nothing sent): the pool for attempt k = 1, 2, ...
+        # next_pool(k) is also where a retry goes when retry.other_hosts is set.
         self.next_pool = next_pool
         self.connect_retries = connect_retries
+        # Retries after a connection was made (status, reset, per-try timeout); None: only the
+        # connect failures above and the one resend of a stale keep-alive connection.
+        self.retry = retry
 
 
 class Exchange:
@@ -293,8 +482,9 @@ class Exchange:
     ``flags`` are Envoy's response flags: "-" none, set here: DC downstream closed, DPE
     downstream protocol error, UF upstream connect failure, UC upstream closed/reset, UPE
     upstream protocol error, UT upstream timeout; the dispatcher may set its own (NR, UH, ...)
-    before returning a LocalReply. ``bytes_received``/``bytes_sent`` count body bytes
-    (tunnel bytes after a 101). ``status`` is 0 when no response was started.
+    before returning a LocalReply; UO is a circuit breaker overflow. ``bytes_received``/
+    ``bytes_sent`` count body bytes (tunnel bytes after a 101). ``status`` is 0 when no response
+    was started. ``retries`` counts the attempts after the first (connect failures included).
     """
 
     __slots__ = (
@@ -306,6 +496,8 @@ class Exchange:
         "_conn_tokens",
         "_error",
         "_keep_alive",
+        "_replay",
+        "_replay_left",
         "_upgrade",
         "_xff",
         "authority",
@@ -317,6 +509,7 @@ class Exchange:
         "method",
         "peer",
         "request_id",
+        "retries",
         "sock",
         "start",
         "status",
@@ -341,6 +534,7 @@ class Exchange:
         self.bytes_sent = 0
         self.upstream: str | None = None
         self.request_id = b""
+        self.retries = 0
         # http1-private request state (lives here so a queued request carries it along)
         self._keep_alive = True
         self._upgrade: bytes | None = None  # Upgrade header value of an upgrade request
@@ -352,6 +546,8 @@ class Exchange:
         self._buffered = 0
         self._body_done = False
         self._error: tuple[int, bytes] | None = None  # reject with this once it is our turn
+        self._replay: list[bytes] | None = None  # the whole body so far, while it may be resent
+        self._replay_left = 0  # bytes the replay buffer may still take
 
     def __repr__(self) -> str:
         return f"<Exchange {self.method.decode()} {self.target!r} {self.status} {self.flags}>"
@@ -501,10 +697,16 @@ class HttpConnection(asyncio.Protocol):
         self._upstream: UpstreamConnection | None = None
         self._request_head = b""
         self._pool: UpstreamPool | None = None  # where the current attempt goes
-        self._connect_task: asyncio.Task[None] | None = None
-        self._attempt = 0
-        self._retried = False
+        self._connect_task: asyncio.Task[UpstreamConnection] | None = None
+        self._waiting: UpstreamPool | None = None  # queued there by its circuit breaker
+        self._attempt = 0  # connect failures moved on to Forward.next_pool(k)
+        self._retries = 0  # retries made under Forward.retry
+        self._retried = False  # the one resend after a stale keep-alive connection
+        self._discard = False  # dropping a response that will be retried
+        self._retry_handle: asyncio.Handle | None = None  # a retry waiting for its back-off
+        self._retry_slot: CircuitBreaker | None = None  # holds one of its max_retries
         self._response_deadline: float | None = None  # Forward.timeout, as loop time
+        self._try_deadline: float | None = None  # RetryPlan.per_try_timeout, as loop time
         self._started = False  # final response head written to the client
         self._mode = _M_NONE
         self._keep = True  # keep the client connection after this response
@@ -543,6 +745,7 @@ class HttpConnection(asyncio.Protocol):
                 if ex.flags == "-":
                     ex.flags = "DC"
                 self._drop_upstream()
+            self._release_retry_slot()
             self._active = None
             self._finished(ex)
         while self._queue:
@@ -656,6 +859,13 @@ class HttpConnection(asyncio.Protocol):
         ex = self._parsing
         assert ex is not None
         ex.bytes_received += len(data)
+        replay = ex._replay
+        if replay is not None:
+            ex._replay_left -= len(data)
+            if ex._replay_left < 0:
+                ex._replay = None  # too long to hold: this request is never resent
+            else:
+                replay.append(data)
         up = self._upstream
         if up is not None and ex is self._active:
             if ex._chunked:
@@ -745,6 +955,7 @@ class HttpConnection(asyncio.Protocol):
         self._started = False
         self._keep = ex._keep_alive and not self._draining
         self._attempt = 0
+        self._retries = 0
         self._retried = False
         if ex._error is not None:
             self._local_reply(ex, ex._error[0], ex._error[1], close=True)
@@ -759,6 +970,17 @@ class HttpConnection(asyncio.Protocol):
             return
         self._forward = decision
         self._request_head = self._build_request_head(ex, decision)
+        plan = decision.retry
+        if plan is not None and ex.bytes_received == 0 and not ex._body_done:
+            # Hold the body (bounded) in case a retry must send it again. A queued request may
+            # have body bytes already: past the limit, do not start holding at all.
+            ex._replay = []
+            ex._replay_left = plan.replay_limit
+        elif (
+            plan is not None and ex._upgrade is None and 0 < ex.bytes_received <= plan.replay_limit
+        ):
+            ex._replay = list(ex._body)
+            ex._replay_left = plan.replay_limit - ex.bytes_received
         if ex._body_done:
             self._arm_timeout()
         self._use_pool(decision.pool, fresh=False)
@@ -768,40 +990,138 @@ class HttpConnection(asyncio.Protocol):
         assert ex is not None
         ex.upstream = pool.key
         self._pool = pool
-        conn = None if fresh else pool.take()
-        if conn is not None:
-            self._attach(conn)
-        else:
-            self._connect_task = self._loop.create_task(self._connect(ex, pool))
+        if fresh:
+            self._open(ex, pool)
+            return
+        got = pool.checkout(self)
+        if isinstance(got, UpstreamConnection):
+            self._attach(got)
+        elif got == OPEN:
+            self._open(ex, pool)
+        elif got == QUEUED:
+            self._waiting = pool
+        else:  # OVERFLOW
+            ex.flags = "UO"
+            self._local_reply(ex, 503, OVERFLOW_TEXT)
 
-    async def _connect(self, ex: Exchange, pool: UpstreamPool) -> None:
-        try:
-            conn = await pool.connect()
-        except Exception as exc:  # refused, unreachable, timeout; anything else is logged
+    def _open(self, ex: Exchange, pool: UpstreamPool) -> None:
+        task = self._connect_task = pool.open()
+        task.add_done_callback(functools.partial(self._connected, ex, pool))
+
+    def _connected(
+        self, ex: Exchange, pool: UpstreamPool, task: asyncio.Task[UpstreamConnection]
+    ) -> None:
+        if task.cancelled():
+            return  # _drop_upstream: the exchange is over
+        if self._connect_task is task:
             self._connect_task = None
+        exc = task.exception()
+        if exc is not None:  # refused, unreachable, timeout; anything else is logged
             if not isinstance(exc, OSError | TimeoutError):
                 logger.warning("connect to %s failed", pool.key, exc_info=exc)
             if self._active is ex and not self._closed:
-                self._connect_failed(ex)
+                self._connect_failed(ex, pool)
             return
-        self._connect_task = None
+        conn = task.result()
         if self._active is not ex or self._closed:
             pool.release(conn)  # fresh and unused: still good for someone else
             return
         self._attach(conn)
 
-    def _connect_failed(self, ex: Exchange) -> None:
+    def pool_ready(self, conn: UpstreamConnection | None) -> None:
+        """PoolWaiter: the circuit breaker let this queued request through."""
+        pool = self._waiting
+        self._waiting = None
+        ex = self._active
+        if pool is None or ex is None or self._closed:
+            if conn is not None and pool is not None:
+                pool.release(conn)
+            return
+        if conn is None:
+            self._open(ex, pool)
+        else:
+            self._attach(conn)
+            conn.flush()
+            self.flush()
+
+    def _connect_failed(self, ex: Exchange, pool: UpstreamPool) -> None:
         fwd = self._forward
         assert fwd is not None
-        while fwd.next_pool is not None and self._attempt < fwd.connect_retries:
+        monitor = pool.monitor
+        if monitor is not None:
+            monitor.put(503)  # Envoy: LocalOriginConnectFailed
+        plan = fwd.retry
+        while (
+            fwd.next_pool is not None
+            and self._attempt < fwd.connect_retries
+            and (plan is None or self._take_retry(plan))
+        ):
             self._attempt += 1
-            pool = fwd.next_pool(self._attempt)
-            if pool is None:
+            nxt = fwd.next_pool(self._attempt)
+            if nxt is None:
                 break
-            self._use_pool(pool, fresh=False)
+            ex.retries += 1
+            self._use_pool(nxt, fresh=False)  # at once: nothing was sent (module docstring)
             return
         ex.flags = "UF"
         self._local_reply(ex, 503, CONNECT_FAILURE)
+
+    # ================================================================== retries
+    def _take_retry(self, plan: RetryPlan) -> bool:
+        """Count one retry against the plan and the cluster's max_retries breaker."""
+        if self._retries >= plan.attempts:
+            return False
+        self._release_retry_slot()
+        pool = self._pool
+        breaker = pool.breaker if pool is not None else None
+        if breaker is not None:
+            if not breaker.try_retry():
+                return False
+            self._retry_slot = breaker
+        self._retries += 1
+        return True
+
+    def _release_retry_slot(self) -> None:
+        slot = self._retry_slot
+        if slot is not None:
+            self._retry_slot = None
+            slot.retry_done()
+
+    def _may_retry(self, ex: Exchange, plan: RetryPlan) -> bool:
+        """Can the active request be sent again (and is a retry left)?"""
+        if self._started or ex._upgrade is not None or not ex._body_done:
+            return False
+        if ex.bytes_received and ex._replay is None:
+            return False  # a body we did not keep (too long): never replayed
+        return self._take_retry(plan)
+
+    def _retry(self, ex: Exchange, plan: RetryPlan) -> None:
+        """Drop the current attempt and send the request again after the back-off."""
+        self._discard = False
+        self._drop_upstream()
+        self._try_deadline = None
+        ex.retries += 1
+        fwd = self._forward
+        pool = self._pool
+        assert fwd is not None and pool is not None
+        if plan.other_hosts and fwd.next_pool is not None:
+            self._attempt += 1
+            pool = fwd.next_pool(self._attempt) or pool
+        self._retry_handle = self._loop.call_later(
+            plan.delay(self._retries), self._send_again, ex, pool
+        )
+
+    def _send_again(self, ex: Exchange, pool: UpstreamPool) -> None:
+        self._retry_handle = None
+        if self._active is not ex or self._closed:
+            return
+        if ex._replay:
+            ex._body = list(ex._replay)
+        self._arm_try_timeout()
+        self._use_pool(pool, fresh=False)
+        if self._upstream is not None:
+            self._upstream.flush()
+        self.flush()
 
     def _attach(self, conn: UpstreamConnection) -> None:
         """Send the request (head and whatever body we hold) on ``conn``."""
@@ -842,21 +1162,63 @@ class HttpConnection(asyncio.Protocol):
     def _arm_timeout(self) -> None:
         """Start Forward.timeout: like Envoy's route timeout, from the end of the request."""
         fwd = self._forward
-        if fwd is not None and fwd.timeout is not None and self._response_deadline is None:
+        if fwd is None:
+            return
+        if fwd.timeout is not None and self._response_deadline is None:
             self._response_deadline = deadline = self._loop.time() + fwd.timeout
+            self._set_deadline(deadline)
+        if fwd.retry is not None and fwd.retry.per_try_timeout is not None:
+            self._arm_try_timeout()
+
+    def _arm_try_timeout(self) -> None:
+        """Each attempt gets a fresh per-try timeout, from the end of the request."""
+        fwd = self._forward
+        plan = fwd.retry if fwd is not None else None
+        if plan is not None and plan.per_try_timeout is not None:
+            self._try_deadline = deadline = self._loop.time() + plan.per_try_timeout
             self._set_deadline(deadline)
 
     def _on_timeout(self) -> None:
         self._response_deadline = None
+        self._try_deadline = None
         ex = self._active
         if ex is None or self._closed:
             return
+        self._report_attempt(504)
         ex.flags = "UT"
         self._drop_upstream()
         if self._started:
             self._abort()
         else:
             self._local_reply(ex, 504, UPSTREAM_TIMEOUT)
+
+    def _on_try_timeout(self) -> None:
+        self._try_deadline = None
+        ex = self._active
+        fwd = self._forward
+        if ex is None or fwd is None or self._closed or self._tunnel:
+            return
+        if self._upstream is None and self._connect_task is None and self._waiting is None:
+            return  # between two attempts (back-off): nothing to time out
+        plan = fwd.retry
+        if plan is not None and self._discard:
+            self._retry(ex, plan)  # the dropped response is slow: the retry is already counted
+            return
+        if plan is not None and plan.on_reset and self._may_retry(ex, plan):
+            self._report_attempt(504)  # Envoy: LocalOriginTimeout
+            self._retry(ex, plan)
+            return
+        self._on_timeout()
+
+    def _report_attempt(self, status: int) -> None:
+        """Outlier detection: the current attempt failed with ``status`` (503/504)."""
+        pool = self._pool
+        if (
+            pool is not None
+            and pool.monitor is not None
+            and (self._upstream is not None or self._connect_task is not None)
+        ):
+            pool.monitor.put(status)
 
     def _finish(self) -> None:
         """The active exchange is answered: report it and move on to the next one."""
@@ -868,6 +1230,10 @@ class HttpConnection(asyncio.Protocol):
         self._upstream = None
         self._request_head = b""
         self._response_deadline = None
+        self._try_deadline = None
+        self._discard = False
+        if self._retry_slot is not None:
+            self._release_retry_slot()
         if self._paused:
             self._resume(_P_UPSTREAM | _P_CONNECTING)
         self.flush()
@@ -905,6 +1271,12 @@ class HttpConnection(asyncio.Protocol):
         if self._connect_task is not None:
             self._connect_task.cancel()
             self._connect_task = None
+        if self._waiting is not None:
+            self._waiting.cancel_wait(self)
+            self._waiting = None
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
         conn = self._upstream
         if conn is not None:
             self._upstream = None
@@ -931,6 +1303,13 @@ class HttpConnection(asyncio.Protocol):
         ex = self._active
         fwd = self._forward
         assert ex is not None and fwd is not None
+        pool = self._pool
+        if pool is not None and pool.monitor is not None:
+            pool.monitor.put(status)
+        plan = fwd.retry
+        if plan is not None and status in plan.statuses and self._may_retry(ex, plan):
+            self._discard = True  # read this response to its end, drop it, then retry
+            return
         ex.status = status
         self._started = True
         upgraded = status == 101
@@ -981,6 +1360,8 @@ class HttpConnection(asyncio.Protocol):
             self._start_tunnel(ex)
 
     def body(self, data: bytes) -> None:
+        if self._discard:
+            return
         ex = self._active
         assert ex is not None
         ex.bytes_sent += len(data)
@@ -991,10 +1372,22 @@ class HttpConnection(asyncio.Protocol):
             self._wbuf += (b"%x\r\n" % len(data), data, _CRLF)
 
     def end(self) -> None:
+        self._upstream = None
+        if self._discard:
+            self._retry_dropped()
+            return
         if self._mode == _M_CHUNKED:
             self._wbuf.append(_LAST_CHUNK)
-        self._upstream = None
         self._finish()
+
+    def _retry_dropped(self) -> None:
+        """The response being dropped ended (or broke): now send the request again."""
+        ex = self._active
+        fwd = self._forward
+        self._discard = False
+        if ex is None or fwd is None or fwd.retry is None or self._closed:
+            return
+        self._retry(ex, fwd.retry)
 
     def failed(self, reason: int, retryable: bool) -> None:
         ex = self._active
@@ -1004,6 +1397,9 @@ class HttpConnection(asyncio.Protocol):
         if self._tunnel:
             self._close()
             return
+        if self._discard:
+            self._retry_dropped()
+            return
         protocol = reason == PROTOCOL_ERROR
         if retryable and not self._retried and not protocol and not self._started:
             # A stale keep-alive connection the server closed as we reused it; nothing of the
@@ -1011,6 +1407,13 @@ class HttpConnection(asyncio.Protocol):
             self._retried = True
             assert self._pool is not None
             self._use_pool(self._pool, fresh=True)
+            return
+        pool = self._pool
+        if pool is not None and pool.monitor is not None:
+            pool.monitor.put(503)  # Envoy counts a reset as a locally originated 503
+        plan = self._forward.retry if self._forward is not None else None
+        if plan is not None and plan.on_reset and self._may_retry(ex, plan):
+            self._retry(ex, plan)
             return
         if ex.flags == "-":
             ex.flags = "UPE" if protocol else "UC"
@@ -1226,6 +1629,13 @@ class HttpConnection(asyncio.Protocol):
                 self._on_timeout()  # 504 then idle (which re-arms), or abort
                 return
             deadlines.append(self._response_deadline)
+        if self._try_deadline is not None:
+            if now >= self._try_deadline:
+                self._on_try_timeout()  # a retry (re-arms), or as _on_timeout
+                if self._timer is None and not self._closed:
+                    self._on_timer()  # re-arm whatever deadlines remain
+                return
+            deadlines.append(self._try_deadline)
         ex = self._parsing
         if self._head_open and ex is not None:
             head_deadline = ex.start + self._header_timeout

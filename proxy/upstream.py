@@ -32,6 +32,21 @@ exchange at the head ourselves and give the next exchange a new parser.
 Writes are batched: the sink queues bytes with :meth:`UpstreamConnection.write` while it parses
 a read from the client, then calls :meth:`flush` once, so a small request head and body go out
 in one ``send``.
+
+Circuit breaking (Envoy's cluster circuit breakers, Istio's ``connectionPool``)
+------------------------------------------------------------------------------
+The pools of one cluster share a :class:`CircuitBreaker`: ``max_connections`` counts every
+connection of the cluster, open or opening; ``max_pending`` counts the requests waiting for a
+connection (opening one, or queued because the cluster is at ``max_connections``);
+``max_retries`` counts retries in flight. :meth:`UpstreamPool.checkout` hands out an idle
+connection, or says "open one", "you are queued" (the waiter is called back with a released
+connection, or told to open one when the count drops), or "overflow" (Envoy's 503 with reset
+reason ``overflow``, flag UO). Like Envoy, a pool with no connection at all may always open one,
+so a request for a host the others crowd out never waits for ever.
+
+Outlier detection hooks in per endpoint: ``UpstreamPool.monitor`` (set by ``proxy.health``)
+receives the outcome of every attempt (:class:`HostMonitor`), so a request that fails on one
+pod and succeeds on a retry still counts the failure against the first pod.
 """
 
 from __future__ import annotations
@@ -44,7 +59,19 @@ from typing import Final, Protocol, cast
 
 import httptools
 
-__all__ = ["PROTOCOL_ERROR", "RESET", "ResponseSink", "UpstreamConnection", "UpstreamPool"]
+__all__ = [
+    "OPEN",
+    "OVERFLOW",
+    "PROTOCOL_ERROR",
+    "QUEUED",
+    "RESET",
+    "CircuitBreaker",
+    "HostMonitor",
+    "PoolWaiter",
+    "ResponseSink",
+    "UpstreamConnection",
+    "UpstreamPool",
+]
 
 logger = logging.getLogger("proxy.upstream")
 
@@ -53,6 +80,13 @@ MAX_RESPONSE_HEAD: Final = 60 * 1024  # Envoy's max_response_headers_kb default
 # Why an attached exchange failed (argument of ResponseSink.failed).
 RESET: Final = 1  # connection closed/reset by the upstream before the response ended
 PROTOCOL_ERROR: Final = 2  # the upstream sent something that is not HTTP/1.x
+
+# What UpstreamPool.checkout answers when it has no idle connection to give.
+OPEN: Final = 1  # open a new connection (UpstreamPool.connect)
+QUEUED: Final = 2  # wait: PoolWaiter.pool_ready is called later
+OVERFLOW: Final = 3  # a circuit breaker is full: 503, reset reason overflow
+
+UNLIMITED: Final = 2**32 - 1  # Envoy's "no limit" for circuit breakers (Istio's defaults)
 
 _KEEP_ALIVE_TOKENS: Final = frozenset({b"close", b"keep-alive"})
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"connection"})
@@ -85,6 +119,77 @@ class ResponseSink(Protocol):
     def flush(self) -> None: ...
 
 
+class HostMonitor(Protocol):
+    """Outlier detection for one endpoint (``proxy.health``): the outcome of each attempt.
+
+    ``status`` is the response status, or what Envoy reports for a failure of its own: 503 for
+    a connect failure or a reset, 504 for a timeout.
+    """
+
+    def put(self, status: int) -> None: ...
+
+
+class PoolWaiter(Protocol):
+    """A request queued by :meth:`UpstreamPool.checkout` (implemented by ``http1``)."""
+
+    def pool_ready(self, conn: UpstreamConnection | None) -> None:
+        """A connection for you, or None: open one now (the breaker has room again)."""
+        ...
+
+
+class CircuitBreaker:
+    """Envoy's per-cluster circuit breakers, shared by the pools of one cluster."""
+
+    __slots__ = (
+        "_waiting",
+        "connections",
+        "max_connections",
+        "max_pending",
+        "max_retries",
+        "overflows",
+        "pending",
+        "retries",
+    )
+
+    def __init__(
+        self,
+        max_connections: int = UNLIMITED,
+        max_pending: int = UNLIMITED,
+        max_retries: int = UNLIMITED,
+    ) -> None:
+        if min(max_connections, max_pending, max_retries) < 0:
+            raise ValueError("circuit breaker limits must be >= 0")
+        self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.max_retries = max_retries
+        self.connections = 0  # open or opening, all pools
+        self.pending = 0  # requests waiting for a connection
+        self.retries = 0  # retries in flight
+        self.overflows = 0  # requests refused (metrics, tests)
+        self._waiting: set[UpstreamPool] = set()
+
+    def __repr__(self) -> str:
+        return (
+            f"<CircuitBreaker connections={self.connections}/{self.max_connections} "
+            f"pending={self.pending}/{self.max_pending} retries={self.retries}/{self.max_retries}>"
+        )
+
+    def try_retry(self) -> bool:
+        """Take a retry slot (False: retry overflow, answer with the failure at hand)."""
+        if self.retries >= self.max_retries:
+            return False
+        self.retries += 1
+        return True
+
+    def retry_done(self) -> None:
+        self.retries -= 1
+
+    def _room(self) -> None:
+        """A connection closed: pools with queued requests may open one now."""
+        for pool in list(self._waiting):
+            pool._schedule_waiters()
+
+
 class _Unexpected(Exception):
     """Raised inside a parser callback when the upstream talks while no exchange is attached."""
 
@@ -110,6 +215,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_upgrade",
         "_wbuf",
         "closed",
+        "counted",
         "idle_since",
         "pool",
         "request_done",
@@ -128,6 +234,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink: ResponseSink | None = None
         self._wbuf: list[bytes] = []
         self.closed = False  # closing or closed: never pooled, never written
+        self.counted = False  # holds one of the pool's connection counts (see connect)
         self._reading_paused = False
         self._tunnel = False
         # per-exchange state (reset by attach)
@@ -400,12 +507,17 @@ class UpstreamPool:
         "_idle",
         "_loop",
         "_timer",
+        "_waiters",
+        "_waiters_scheduled",
+        "breaker",
         "connect_timeout",
+        "connections",
         "host",
         "idle_timeout",
         "key",
         "max_idle",
         "max_requests_per_connection",
+        "monitor",
         "opened",
         "port",
     )
@@ -419,6 +531,7 @@ class UpstreamPool:
         idle_timeout: float = 60.0,
         connect_timeout: float = 10.0,
         max_requests_per_connection: int = 0,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port out of range: {port}")
@@ -431,8 +544,14 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.max_requests_per_connection = max_requests_per_connection
+        # A pool without a breaker of its own gets an unlimited private one.
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self.monitor: HostMonitor | None = None  # outlier detection (proxy.health)
         self.opened = 0  # connections ever opened (metrics, tests)
+        self.connections = 0  # open or opening
         self._idle: collections.deque[UpstreamConnection] = collections.deque()
+        self._waiters: collections.deque[PoolWaiter] = collections.deque()
+        self._waiters_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -444,6 +563,10 @@ class UpstreamPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     def take(self) -> UpstreamConnection | None:
         """The most recently used idle connection, or None (then call :meth:`connect`)."""
         idle = self._idle
@@ -453,19 +576,100 @@ class UpstreamPool:
                 return conn
         return None
 
+    def can_open(self) -> bool:
+        """Room for one more connection (a pool with none may always open one, like Envoy)."""
+        b = self.breaker
+        return self.connections == 0 or b.connections < b.max_connections
+
+    def checkout(self, waiter: PoolWaiter) -> UpstreamConnection | int:
+        """An idle connection, or OPEN (call :meth:`open` now), QUEUED or OVERFLOW."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        b = self.breaker
+        if b.pending >= b.max_pending:
+            b.overflows += 1
+            return OVERFLOW
+        if self.can_open():
+            return OPEN
+        b.pending += 1
+        self._waiters.append(waiter)
+        b._waiting.add(self)
+        return QUEUED
+
+    def cancel_wait(self, waiter: PoolWaiter) -> None:
+        """Forget a queued request (its client left, or it timed out)."""
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            return
+        self.breaker.pending -= 1
+        if not self._waiters:
+            self.breaker._waiting.discard(self)
+
     async def connect(self) -> UpstreamConnection:
         """A new connection; raises OSError (refused, unreachable) or TimeoutError."""
+        self._reserve()
+        return await self._open_reserved()
+
+    def open(self) -> asyncio.Task[UpstreamConnection]:
+        """:meth:`connect` in a task, counted against the breaker from now on.
+
+        The count is taken synchronously, so a burst of requests in one loop iteration cannot
+        all see room for "one more" connection; a task cancelled before it ever ran gives the
+        count back in its done callback.
+        """
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._reserve()
+        started: list[bool] = []
+        task = loop.create_task(self._open_reserved(started))
+        task.add_done_callback(lambda _: None if started else self._unreserve())
+        return task
+
+    def _reserve(self) -> None:
+        b = self.breaker
+        self.connections += 1
+        b.connections += 1
+        b.pending += 1
+
+    def _unreserve(self) -> None:
+        self.breaker.pending -= 1
+        self._uncount()
+
+    async def _open_reserved(self, started: list[bool] | None = None) -> UpstreamConnection:
+        # Envoy counts a connection against max_connections from its first SYN, and the
+        # request that waits for it against max_pending.
+        if started is not None:
+            started.append(True)
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.connect_timeout):
-            _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port
-            )
+        conn: UpstreamConnection | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port
+                )
+        except BaseException:
+            if conn is not None:
+                conn.close(abort=True)
+            self._unreserve()
+            raise
+        self.breaker.pending -= 1
+        if conn.closed:  # lost between connection_made and here
+            self._uncount()
+            raise ConnectionResetError("upstream connection closed while connecting")
+        conn.counted = True
         self.opened += 1
+        if self._waiters:
+            self._schedule_waiters()
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
         """Take back a connection whose exchange ended cleanly."""
-        if self._closed or len(self._idle) >= self.max_idle:
+        if self._closed or (len(self._idle) >= self.max_idle and not self._waiters):
             conn.close()
             return
         loop = self._loop
@@ -473,13 +677,18 @@ class UpstreamPool:
             loop = self._loop = asyncio.get_running_loop()
         conn.idle_since = loop.time()
         self._idle.append(conn)
+        if self._waiters:
+            self._schedule_waiters()
         if self._timer is None:
             self._timer = loop.call_at(conn.idle_since + self.idle_timeout, self._expire)
 
     def discard(self, conn: UpstreamConnection) -> None:
-        """Forget a connection that closed (called by the connection itself)."""
+        """Forget a connection that closed (called by the connection itself, once)."""
         with contextlib.suppress(ValueError):
             self._idle.remove(conn)
+        if conn.counted:
+            conn.counted = False
+            self._uncount()
 
     async def close(self) -> None:
         """Close idle connections; in-flight ones finish and are closed on release."""
@@ -489,6 +698,37 @@ class UpstreamPool:
             self._timer = None
         while self._idle:
             self._idle.pop().close()
+
+    def _uncount(self) -> None:
+        self.connections -= 1
+        b = self.breaker
+        b.connections -= 1
+        if b._waiting:
+            b._room()
+
+    def _schedule_waiters(self) -> None:
+        # Never hand a connection over inside its own parser callback (release runs there):
+        # the next request would write on a connection whose parser is still on the stack.
+        if not self._waiters_scheduled:
+            self._waiters_scheduled = True
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._serve_waiters)
+
+    def _serve_waiters(self) -> None:
+        self._waiters_scheduled = False
+        waiters = self._waiters
+        b = self.breaker
+        while waiters:
+            conn = self.take()
+            if conn is None and not self.can_open():
+                break
+            waiter = waiters.popleft()
+            b.pending -= 1
+            waiter.pool_ready(conn)  # None: the waiter opens one (counted at once, see open)
+        if not waiters:
+            b._waiting.discard(self)
 
     def _expire(self) -> None:
         self._timer = None
