@@ -116,6 +116,7 @@ from proxy.config import (
     type_name,
     wildcard_domain_problem,
 )
+from proxy.health import parse_health_check
 
 API_GROUP = "networking.istio.io"
 API_VERSIONS = ("v1alpha3", "v1beta1", "v1")
@@ -423,6 +424,12 @@ def _metadata(r: Reader, kind: str, metadata: object) -> _Meta | None:
     if not is_dns1123_label(namespace):
         r.error("metadata.namespace", f"invalid namespace {namespace!r}")
     annotations = r.string_map(metadata, "annotations", "metadata") or {}
+    check = annotations.get(HEALTH_CHECK_ANNOTATION)
+    if check is not None:
+        try:
+            parse_health_check(check)
+        except ValueError as exc:
+            r.error(f"metadata.annotations.{HEALTH_CHECK_ANNOTATION}", str(exc))
     r.string_map(metadata, "labels", "metadata")
     if name is None:
         return None
@@ -1131,7 +1138,7 @@ def _retries(
             piece = part.strip()
             if piece.isdigit() and int(piece) in _HTTP_STATUSES:
                 codes.append(int(piece))
-            elif part in _RETRY_ON:
+            elif piece in _RETRY_ON:
                 conditions.append(piece)
             elif piece:
                 hint = did_you_mean(piece, sorted(_RETRY_ON))

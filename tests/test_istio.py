@@ -804,10 +804,10 @@ def test_health_check_annotation_reaches_the_cluster() -> None:
         GATEWAY,
         vs(ROUTE_TO_SVC),
         dr("trafficPolicy: {loadBalancer: {simple: RANDOM}}").replace(
-            "{name: dr}", "{name: dr, annotations: {sticky-proxy/health-check: 'GET /healthz'}}"
+            "{name: dr}", "{name: dr, annotations: {sticky-proxy/health-check: 'path=/healthz interval=5s'}}"
         ),
     )
-    assert cluster(config).health_check == "GET /healthz"
+    assert cluster(config).health_check == "path=/healthz interval=5s"
 
 
 # --------------------------------------------------------------------------- ServiceEntry

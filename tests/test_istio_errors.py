@@ -425,3 +425,32 @@ def test_missing_paths_and_empty_folders(tmp_path: Path) -> None:
         f"{tmp_path / 'nope.yaml'}: no such file or folder",
         f"{tmp_path}: no .yaml or .yml files in this folder",
     ]
+
+
+def test_retry_on_tokens_may_have_spaces_after_commas() -> None:
+    config = load_text(
+        GW + "---\n" + VS(R + "\n  retries: {attempts: 2, retryOn: '5xx, reset, 503'}")
+    )
+    (vs,) = config.virtual_services
+    retries = vs.http[0].retries
+    assert (
+        retries is not None
+        and "reset" in retries.retry_on
+        and 503 in retries.retriable_status_codes
+    )
+
+
+def test_bad_health_check_annotation_is_a_load_error() -> None:
+    dr = DR(CH % "{httpCookie: {name: ISTIOID, ttl: 60s}}").replace(
+        "metadata: {name: default-sticky-dr}",
+        "metadata:\n  name: default-sticky-dr\n  annotations:\n"
+        '    sticky-proxy/health-check: "path=/healthz unhealthy=two"',
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_text(GW + "---\n" + VS(R) + "---\n" + dr, "t.yaml")
+    (line,) = exc.value.errors
+    assert line.startswith(
+        "t.yaml[3]: DestinationRule default-sticky-dr: "
+        "metadata.annotations.sticky-proxy/health-check: "
+    )
+    assert "unhealthy" in line
