@@ -10,6 +10,8 @@ pick - so its answer is the running proxy's answer for the same endpoints.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- run
 
 
+_RUN_PARSER: list[argparse.ArgumentParser] = []  # for the workers' command lines
+
+
 def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser(
         "run",
@@ -121,6 +126,63 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--dns-refresh", type=float, default=5.0, metavar="SECONDS", help="DNS refresh (5)"
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ops = run.add_argument_group("operating it (Istio ingress gateway ports)")
+    ops.add_argument(
+        "--admin-port",
+        default="15000",
+        metavar="PORT|off",
+        help="admin (/config_dump, /clusters, /ready, /route) (15000; 0 picks one)",
+    )
+    ops.add_argument(
+        "--admin-address",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="admin bind address (127.0.0.1)",
+    )
+    ops.add_argument(
+        "--readiness-port", default="15021", metavar="PORT|off", help="/healthz/ready (15021)"
+    )
+    ops.add_argument(
+        "--metrics-port", default="15090", metavar="PORT|off", help="/stats/prometheus (15090)"
+    )
+    ops.add_argument(
+        "--ops-address",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="bind address of the readiness and metrics ports (0.0.0.0)",
+    )
+    ops.add_argument(
+        "--access-log",
+        default="text",
+        choices=["off", "text", "json"],
+        help="one line per request on stdout, Envoy's default fields (text)",
+    )
+    ops.add_argument(
+        "--drain-time",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM: readiness 503 and keep serving this long (5, Istio's "
+        "terminationDrainDuration)",
+    )
+    ops.add_argument(
+        "--drain-deadline",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="then wait at most this long for requests in flight (20)",
+    )
+    ops.add_argument(
+        "--watch", action="store_true", help="reload when the config files change (SIGHUP too)"
+    )
+    ops.add_argument(
+        "--workers",
+        default="1",
+        metavar="N|auto",
+        help="processes serving the same ports with SO_REUSEPORT (1; auto = cores)",
+    )
+    ops.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    ops.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     quick = run.add_argument_group("quick mode (no YAML)")
     quick.add_argument("--upstream", action="append", default=[], metavar="HOST:PORT")
     quick.add_argument("--cookie", default="ISTIOID", help="cookie name (default ISTIOID)")
@@ -136,6 +198,7 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     quick.add_argument(
         "--print-config", action="store_true", help="print the equivalent Istio YAML and exit"
     )
+    _RUN_PARSER[:] = [run]
 
 
 def _setup_logging(level: str) -> None:
@@ -201,9 +264,108 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if loaded is None:
             return EXIT_CONFIG
         config = loaded
+    try:
+        admin = _port(args.admin_port, "--admin-port")
+        readiness = _port(args.readiness_port, "--readiness-port")
+        metrics = _port(args.metrics_port, "--metrics-port")
+        workers = _workers(args.workers)
+    except ValueError as exc:
+        print(f"sticky-proxy run: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     _setup_logging(args.log_level)
-    options = RunOptions(listen=listen, dns_refresh=args.dns_refresh)
+    if workers > 1:
+        from proxy.workers import Supervisor
+
+        if not listen:
+            listen = tuple((ls.bind, ls.port) for ls in config.listeners)
+        supervisor = Supervisor(
+            workers,
+            listen=listen,
+            admin=(args.admin_address, admin) if admin is not None else None,
+            readiness=(args.ops_address, readiness) if readiness is not None else None,
+            metrics=(args.ops_address, metrics) if metrics is not None else None,
+            drain_time=args.drain_time,
+            drain_deadline=args.drain_deadline,
+            command=functools.partial(_worker_command, args),
+        )
+        return _run_loop(supervisor.run())
+    worker = args.worker
+    if worker is not None:
+        from proxy.workers import die_with_parent
+
+        die_with_parent()
+    options = RunOptions(
+        listen=listen,
+        dns_refresh=args.dns_refresh,
+        drain_time=args.drain_time,
+        drain_deadline=args.drain_deadline,
+        reuse_port=worker is not None,
+        admin=(args.admin_address, admin) if admin is not None else None,
+        readiness=(args.ops_address, readiness) if readiness is not None else None,
+        metrics=(args.ops_address, metrics) if metrics is not None else None,
+        # A worker counts into the supervisor's multiprocess directory (when it set one).
+        collect_metrics=metrics is not None
+        if worker is None
+        else bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")),
+        access_log=args.access_log,
+        config_paths=tuple(args.paths),
+        watch=1.0 if args.watch else None,
+        worker=worker or 0,
+        ready_fd=args.ready_fd,
+    )
     return _run_loop(run_proxy(config, options))
+
+
+def _port(text: str, flag: str) -> int | None:
+    if text == "off":
+        return None
+    if not text.isdigit() or int(text) > 65535:
+        raise ValueError(f"{flag} must be a port number (0 picks a free one) or off: {text!r}")
+    return int(text)
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--workers must be a number >= 1 or auto: {text!r}")
+    return int(text)
+
+
+def _worker_command(
+    args: argparse.Namespace,
+    index: int,
+    listen: Sequence[tuple[str, int]],
+    admin_port: int | None,
+    ready_fd: int,
+) -> list[str]:
+    """The ``run`` command line of worker ``index``: the user's flags, with the supervisor's
+    resolved listen addresses, the admin port on worker 0 only, no readiness/metrics ports."""
+    override = {
+        "listen": [f"{h}:{p}" for h, p in listen],
+        "workers": "1",
+        "worker": str(index),
+        "ready_fd": str(ready_fd),
+        "admin_port": str(admin_port) if index == 0 and admin_port is not None else "off",
+        "readiness_port": "off",
+        "metrics_port": "off",
+    }
+    argv = ["run"]
+    for action in _RUN_PARSER[0]._actions:
+        if action.dest == "help":
+            continue
+        value = override.get(action.dest, getattr(args, action.dest, None))
+        if not action.option_strings:
+            argv.extend(value or [])
+        elif isinstance(action, argparse._StoreTrueAction):
+            if value:
+                argv.append(action.option_strings[0])
+        elif isinstance(action, argparse._AppendAction):
+            for item in value or []:
+                argv += [action.option_strings[0], str(item)]
+        elif value is not None:
+            argv += [action.option_strings[0], str(value)]
+    return argv
 
 
 # --------------------------------------------------------------------------- check

@@ -454,7 +454,7 @@ async def run_demo(port: int = 8080, config_dir: Path = DEMO_CONFIG) -> int:
         print(f"sticky-proxy demo: cannot start the demo pods on {addresses}: {exc}")
         return 1
     try:
-        proxy = Proxy(config, RunOptions(listen=(("127.0.0.1", port),)))
+        proxy = Proxy(config, RunOptions(listen=(("127.0.0.1", port),), drain_time=0))
         try:
             await proxy.start()
         except OSError as exc:

@@ -1,20 +1,34 @@
-"""Lifecycle: build the runtime from a Config, listen, decide each request, stop.
+"""Lifecycle: build the runtime from a Config, listen, decide each request, reload, drain, stop.
 
 Theory of operation
 -------------------
 Two planes share one object graph and never lock:
 
-* the **control plane** (this module's ``Proxy``, ``proxy.discovery``, later health and reload)
-  turns a ``Config`` into a ``Runtime``: a router per listener, a ``Cluster`` per cluster with
-  its compiled ``Affinity``, connection pools per endpoint. Endpoint changes rebuild a cluster's
-  snapshot off the request path and swap one reference (``proxy.cluster``);
+* the **control plane** (this module's ``Proxy``, ``proxy.discovery``, health, reload)
+  turns a ``Config`` into a ``Runtime``: a router per listener, a ``ClusterRuntime`` per cluster
+  with its compiled ``Affinity``, connection pools per endpoint and its metric children.
+  Endpoint changes rebuild a cluster's snapshot off the request path and swap one reference
+  (``proxy.cluster``);
 * the **request path** (``Dispatcher.dispatch``) reads ``proxy.runtime`` once, routes, hashes,
-  picks and returns a ``Forward`` for ``proxy.http1`` to carry out. It allocates little: the
-  header edits, status replies and Set-Cookie pieces are precomputed per route and per cluster.
+  picks and returns a ``Forward`` for ``proxy.http1`` to carry out; ``Dispatcher.finished``
+  counts the exchange and logs it. Both allocate little: header edits, status replies,
+  Set-Cookie pieces and metric children are precomputed per route and per cluster.
 
-Lifecycle follows uvicorn's ``serve -> startup -> main_loop -> shutdown``: startup resolves every
-cluster once (so the first request finds endpoints), then opens the listeners; shutdown closes
-the listeners, lets requests in flight finish within a grace period, then closes what is left.
+Reload (SIGHUP, ``--watch``) loads and validates the files in a thread, builds a new ``Runtime``
+keeping the ``ClusterRuntime`` (pools, discovery, stats) of every cluster whose spec did not
+change, resolves the new clusters once, then swaps ``proxy.runtime`` in one assignment. A request
+in flight keeps the objects it already read; a cluster that went away closes its idle
+connections (busy ones close when their exchange releases them). An invalid configuration
+changes nothing: every error is logged and ``sticky_config_reloads_total{result="failure"}``
+counts it.
+
+Lifecycle follows uvicorn's ``serve -> startup -> main_loop -> shutdown``; the drain is Istio's:
+
+    SIGTERM -> readiness 503 at once -> keep serving for drain_time (load balancers notice)
+            -> stop accepting, idle keep-alive connections close, busy ones after their response
+            -> wait up to drain_deadline for requests in flight, abort the rest -> exit 0
+
+SIGINT (Ctrl-C) skips the drain_time; a second SIGTERM/SIGINT cuts the drain_time short.
 """
 
 from __future__ import annotations
@@ -23,18 +37,37 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import random
 import signal
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import TYPE_CHECKING, TextIO
 
 from proxy.cluster import Balancer, Cluster, next_distinct
-from proxy.config import ClusterSpec, Config, Endpoint
+from proxy.config import DEFAULT_LB, ClusterSpec, Config, ConfigError, Endpoint, load_config
 from proxy.discovery import DEFAULT_DNS_REFRESH, DiscoveryError, EndpointWatcher
-from proxy.http1 import Connections, Exchange, Forward, LocalReply, ServerSettings, serve
+from proxy.health import ClusterHealth
+from proxy.http1 import (
+    Connections,
+    Exchange,
+    Forward,
+    HttpConnection,
+    LocalReply,
+    ServerSettings,
+    retry_plan,
+    serve,
+)
+from proxy.metrics import RETRIES_ON_EXCHANGE
 from proxy.routing import Router
-from proxy.upstream import UpstreamPool
+from proxy.upstream import CircuitBreaker, UpstreamPool
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from proxy.accesslog import AccessLog
+    from proxy.metrics import ClusterStats, Metrics
 
 log = logging.getLogger("proxy.server")
 
@@ -42,31 +75,50 @@ log = logging.getLogger("proxy.server")
 NO_ROUTE = LocalReply(404)
 NO_HEALTHY_UPSTREAM = LocalReply(503, b"no healthy upstream")
 NO_CLUSTER = LocalReply(503, b"no healthy upstream")
-# A connect failure sent nothing, so it may go on to the next endpoint (issue 5 refines this
-# with the route's retry policy); Istio's default policy makes 2 retries.
-CONNECT_RETRIES = 2
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+
+Address = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
-    """How to run a Config: listen addresses and control-plane knobs (not part of the YAML)."""
+    """How to run a Config: listen addresses and control-plane knobs (not part of the YAML).
 
-    listen: tuple[tuple[str, int], ...] = ()  # overrides the Gateway ports when given
+    ``admin``/``readiness``/``metrics`` are (host, port) to serve on, None for off; port 0 picks
+    a free one. ``collect_metrics`` counts even without a metrics port (workers: the supervisor
+    serves them). ``config_paths`` are re-read on reload (empty in quick mode: nothing to reload).
+    """
+
+    listen: tuple[Address, ...] = ()  # overrides the Gateway ports when given
     dns_refresh: float = DEFAULT_DNS_REFRESH
-    drain_time: float = 5.0
+    drain_time: float = 5.0  # Istio's terminationDrainDuration
+    drain_deadline: float = 20.0  # then at most this long for requests in flight
     settings: ServerSettings = field(default_factory=ServerSettings)
     reuse_port: bool = False
+    admin: Address | None = None
+    readiness: Address | None = None
+    metrics: Address | None = None
+    collect_metrics: bool = True
+    access_log: str = "off"  # off | text | json
+    access_log_stream: TextIO | None = field(default=None, compare=False, repr=False)
+    config_paths: tuple[str, ...] = ()
+    watch: float | None = None  # poll the config files every this many seconds
+    worker: int = 0  # index among --workers (0 counts control-plane events)
+    ready_fd: int | None = None  # a worker writes b"ready\n" here once it serves
 
 
 class ClusterRuntime:
-    """One cluster as the request path sees it: its spec and the live snapshot holder."""
+    """One cluster as the request path sees it: its spec, the live snapshot holder, its stats."""
 
-    __slots__ = ("cluster", "spec")
+    __slots__ = ("breaker", "cluster", "health", "spec", "stats", "tasks")
 
-    def __init__(self, spec: ClusterSpec) -> None:
+    def __init__(self, spec: ClusterSpec, metrics: Metrics | None = None) -> None:
         self.spec = spec
         pool = spec.pool
+        # Envoy's circuit breakers are per cluster: every pool of the cluster shares one.
+        breaker = self.breaker = CircuitBreaker(
+            pool.max_connections, pool.http1_max_pending_requests, pool.max_retries
+        )
         self.cluster: Cluster[UpstreamPool] = Cluster(
             spec.name,
             spec.lb,
@@ -74,10 +126,16 @@ class ClusterRuntime:
                 ep.address,
                 ep.port,
                 connect_timeout=pool.connect_timeout,
+                idle_timeout=pool.idle_timeout,
                 max_requests_per_connection=pool.max_requests_per_connection,
+                breaker=breaker,
             ),
             panic_threshold=spec.panic_threshold,
+            on_rebuild=metrics.rebuilt if metrics is not None else None,  # type: ignore[arg-type]
         )
+        self.stats: ClusterStats | None = metrics.cluster(spec) if metrics is not None else None
+        self.health = ClusterHealth(spec, self.cluster)
+        self.tasks: list[asyncio.Task[None]] = []  # discovery refresh, health checks
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +147,31 @@ class Runtime:
     clusters: Mapping[str, ClusterRuntime]
 
 
-def build_runtime(config: Config) -> Runtime:
+def build_runtime(
+    config: Config, metrics: Metrics | None = None, previous: Runtime | None = None
+) -> Runtime:
+    """A Runtime for ``config``, reusing ``previous``'s clusters whose spec is unchanged."""
     routers = {listener.port: Router(config, listener.port) for listener in config.listeners}
-    clusters = {name: ClusterRuntime(spec) for name, spec in config.clusters.items()}
+    old = previous.clusters if previous is not None else {}
+    clusters: dict[str, ClusterRuntime] = {}
+    for name, spec in config.clusters.items():
+        kept = old.get(name)
+        if kept is not None and _identity(kept.spec) == _identity(spec):
+            kept.spec = spec
+            clusters[name] = kept
+        else:
+            clusters[name] = ClusterRuntime(spec, metrics)
     return Runtime(config, MappingProxyType(routers), MappingProxyType(clusters))
+
+
+def _identity(spec: ClusterSpec) -> tuple[object, ...]:
+    """What a cluster's pools, ring and discovery depend on: a reload that changes nothing else
+    (the hash policy, read from the route on every request; the file it came from) keeps the
+    running cluster with its warm connections."""
+    lb = spec.lb
+    ch = lb.consistent_hash
+    ring = (ch.algorithm, ch.minimum_ring_size, ch.maximum_ring_size, ch.table_size) if ch else ()
+    return (replace(spec, lb=DEFAULT_LB, source=""), lb.simple, ring)
 
 
 def _query_params(target: str) -> dict[str, str]:
@@ -118,28 +197,44 @@ def _headers_map(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
 class _NextPool:
     """After a connect failure (nothing was sent): the next distinct endpoint on the ring."""
 
-    __slots__ = ("balancer", "first", "hash", "pools")
+    __slots__ = ("balancer", "first", "hash", "keyed", "pools", "stats")
 
     def __init__(
-        self, pools: Mapping[str, UpstreamPool], balancer: Balancer, hash_: int, first: str
+        self,
+        pools: Mapping[str, UpstreamPool],
+        balancer: Balancer,
+        hash_: int,
+        first: str,
+        stats: ClusterStats | None,
+        keyed: bool,
     ) -> None:
         self.pools = pools
         self.balancer = balancer
         self.hash = hash_
         self.first = first
+        self.stats = stats
+        self.keyed = keyed  # the hash came from a session key (not a random pick)
 
     def __call__(self, attempt: int) -> UpstreamPool | None:
+        stats = self.stats
+        if stats is not None:
+            if not RETRIES_ON_EXCHANGE:
+                stats.retries.inc()
+            if attempt == 1 and self.keyed:
+                stats.rehomed.inc()
         return self.pools.get(next_distinct(self.balancer, self.hash, self.first, attempt))
 
 
 class Dispatcher:
-    """``proxy.http1.Dispatcher`` for one listener port: route, hash, pick."""
+    """``proxy.http1.Dispatcher`` for one listener port: route, hash, pick; count and log."""
 
-    __slots__ = ("port", "proxy")
+    __slots__ = ("pending", "port", "proxy")
 
     def __init__(self, proxy: Proxy, port: int) -> None:
         self.proxy = proxy
         self.port = port
+        # Exchange -> the stats of the cluster it was sent to (Exchange has no slot for it).
+        self.pending: dict[Exchange, ClusterStats] = {}
 
     def dispatch(self, ex: Exchange) -> Forward | LocalReply:
         runtime = self.proxy.runtime
@@ -162,6 +257,10 @@ class Dispatcher:
         if crt is None:
             ex.flags = "NC"
             return NO_CLUSTER
+        stats = crt.stats
+        if stats is not None:
+            stats.active += 1
+            self.pending[ex] = stats
         snap = crt.cluster.snapshot
         balancer = snap.balancer
         if balancer is None:
@@ -176,9 +275,13 @@ class Dispatcher:
             hash_, generated = affinity.compute(ex.headers, ex.target, ex.peer, ex.sock)
             if generated is not None:
                 set_cookie = affinity.set_cookie_header(generated)
+                if stats is not None:
+                    stats.cookies += 1
+        keyed = hash_ is not None
         if hash_ is None:
             hash_ = random.getrandbits(64)
         key = balancer.pick(hash_)
+        plan = retry_plan(decision.retries)
         return Forward(
             snap.pools[key],
             target=decision.path.encode("latin-1") if decision.rewrites_path else None,
@@ -187,42 +290,122 @@ class Dispatcher:
             response_headers=decision.response_headers,
             set_cookie=set_cookie,
             timeout=decision.timeout,
-            next_pool=_NextPool(snap.pools, balancer, hash_, key),
-            connect_retries=min(CONNECT_RETRIES, len(balancer.hosts) - 1),
+            next_pool=_NextPool(snap.pools, balancer, hash_, key, stats, keyed),
+            connect_retries=plan.connect_retries(len(balancer.hosts)) if plan is not None else 0,
+            retry=plan,
         )
 
     def finished(self, ex: Exchange) -> None:
-        self.proxy.finished(ex)
+        proxy = self.proxy
+        metrics = proxy.metrics
+        if metrics is not None:
+            stats = self.pending.pop(ex, None)
+            if stats is None:
+                stats = metrics.unknown  # rejected by http1, no route, local reply
+            else:
+                stats.active -= 1
+            stats.record(ex)
+        access_log = proxy.access_log
+        if access_log is not None:
+            access_log.log(ex)
+
+
+class _CountedConnections(Connections):
+    """Connections that count what this worker accepted (proves SO_REUSEPORT spreads them)."""
+
+    __slots__ = ("_counter",)
+
+    def __init__(self, metrics: Metrics, worker: int) -> None:
+        super().__init__()
+        self._counter = metrics.worker_connections.labels(str(worker))
+
+    def add(self, conn: HttpConnection) -> None:
+        super().add(conn)
+        self._counter.inc()
 
 
 class Proxy:
-    """The running proxy: runtime, discovery tasks, listeners."""
+    """The running proxy: runtime, discovery tasks, listeners, operating ports."""
 
     def __init__(self, config: Config, options: RunOptions = RunOptions()) -> None:
         self.options = options
-        self.runtime = build_runtime(config)
-        self.connections = Connections()
+        self.metrics: Metrics | None = None
+        if options.collect_metrics:
+            from proxy.metrics import Metrics
+
+            self.metrics = Metrics(control=options.worker == 0)
+        self.access_log: AccessLog | None = None
+        if options.access_log != "off":
+            from proxy.accesslog import AccessLog
+
+            self.access_log = AccessLog(options.access_log, options.access_log_stream)
+        self.runtime = build_runtime(config, self.metrics)
+        self.connections: Connections = (
+            _CountedConnections(self.metrics, options.worker)
+            if self.metrics is not None
+            else Connections()
+        )
         self.servers: list[asyncio.Server] = []
+        self.runners: list[web.AppRunner] = []
+        self.ports: dict[str, Address] = {}  # "admin"/"readiness"/"metrics" -> bound address
         self._tasks: list[asyncio.Task[None]] = []
+        self._reload_lock = asyncio.Lock()
+        self.started = False
+        self.draining = False
         self.stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # cut the drain time short (SIGINT, second signal)
+        self._signals = False
 
     @property
-    def addresses(self) -> list[tuple[str, int]]:
+    def addresses(self) -> list[Address]:
         """Where the listeners actually listen (port 0 resolved)."""
-        found: list[tuple[str, int]] = []
+        found: list[Address] = []
         for server in self.servers:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 found.append((host, port))
         return found
 
-    async def start(self) -> None:
-        await self._start_discovery(self.runtime)
-        await self._start_listeners()
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining
 
-    async def _start_discovery(self, runtime: Runtime) -> None:
+    def exposition(self) -> bytes:
+        """The Prometheus text of this process (gauges refreshed from the live snapshots)."""
+        if self.metrics is None:
+            return b""
+        self.refresh_metrics()
+        return self.metrics.exposition()
+
+    def refresh_metrics(self) -> None:
+        """Flush the request path's counts and set the gauges from the live snapshots."""
+        if self.metrics is not None:
+            self.metrics.flush()
+            self.metrics.refresh(
+                (name, crt.cluster.snapshot, crt.stats.active if crt.stats else 0)  # type: ignore[misc]
+                for name, crt in self.runtime.clusters.items()
+            )
+
+    # ------------------------------------------------------------------ startup
+    async def start(self) -> None:
+        await self._start_discovery(self.runtime.clusters.values())
+        await self._start_listeners()
+        await self._start_operating_ports()
+        if self.options.watch is not None and self.options.config_paths:
+            self._tasks.append(asyncio.create_task(self._watch(self.options.watch)))
+        if self.metrics is not None and self.options.metrics is None:
+            # Workers: nobody scrapes this process, so keep the scrape-time gauges fresh.
+            self._tasks.append(asyncio.create_task(self._refresh_every(1.0)))
+        self.started = True
+        if self.options.ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.options.ready_fd, b"ready\n")
+                os.close(self.options.ready_fd)
+
+    async def _start_discovery(self, clusters: Iterable[ClusterRuntime]) -> None:
+        clusters = list(clusters)
         first: list[asyncio.Task[bool]] = []
-        for crt in runtime.clusters.values():
+        for crt in clusters:
             watcher = EndpointWatcher(
                 crt.spec.name,
                 crt.spec.endpoints,
@@ -231,19 +414,28 @@ class Proxy:
             )
             first.append(asyncio.create_task(watcher.refresh_once()))
             if watcher.is_dynamic:
-                self._tasks.append(asyncio.create_task(self._refresh_later(watcher)))
+                crt.tasks.append(asyncio.create_task(self._refresh_later(watcher)))
         for task in first:
             try:
                 await task
             except DiscoveryError as exc:
                 log.warning("%s (will retry)", exc)
+        for crt in clusters:
+            if crt.health.enabled:
+                crt.tasks.append(asyncio.create_task(crt.health.run()))
 
     async def _refresh_later(self, watcher: EndpointWatcher) -> None:
         await asyncio.sleep(self.options.dns_refresh)
         await watcher.run()
 
+    async def _refresh_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.refresh_metrics()
+
     def _endpoints_changed(self, crt: ClusterRuntime, endpoints: tuple[Endpoint, ...]) -> None:
         removed = crt.cluster.set_endpoints(endpoints)
+        crt.health.sync()
         log.info(
             "cluster %s: %d endpoints: %s",
             crt.spec.name,
@@ -282,10 +474,127 @@ class Proxy:
         for host, port in self.addresses:
             log.info("listening on %s:%d", host, port)
 
-    def finished(self, ex: Exchange) -> None:
-        """Per-request hook (metrics and access log attach here)."""
+    async def _start_operating_ports(self) -> None:
+        from proxy.admin import admin_app, metrics_app, readiness_app, start_app
+
+        opts = self.options
+        apps: list[tuple[str, Address | None, web.Application | None]] = [
+            ("readiness", opts.readiness, None),
+            ("metrics", opts.metrics, None),
+            ("admin", opts.admin, None),
+        ]
+        for name, where, _ in apps:
+            if where is None:
+                continue
+            if name == "readiness":
+                app = readiness_app(lambda: self.ready)
+            elif name == "metrics":
+                app = metrics_app(self.exposition)
+            else:
+                app = admin_app(self)
+            runner, bound = await start_app(app, where[0], where[1], reuse_port=opts.reuse_port)
+            self.runners.append(runner)
+            self.ports[name] = bound
+            log.info("%s listening on %s:%d", name, *bound)
+
+    # ------------------------------------------------------------------ reload
+    async def reload(self) -> bool:
+        """Re-read the config files and swap the runtime; False (and nothing changed) on error."""
+        paths = self.options.config_paths
+        if not paths:
+            log.info("reload: quick mode has no files to re-read; nothing changed")
+            return True
+        async with self._reload_lock:
+            try:
+                # Parse, validate, compile routes: all in a thread, off the request path.
+                config, runtime = await asyncio.to_thread(self._load_runtime, paths)
+            except ConfigError as exc:
+                for line in exc.errors:
+                    log.error("reload: %s", line)
+                self._reloaded(ok=False, detail=f"{len(exc.errors)} error(s)")
+                return False
+            except Exception as exc:  # a bug must not take the running config down
+                log.exception("reload: %s", exc)
+                self._reloaded(ok=False, detail=str(exc))
+                return False
+            for line in config.warnings:
+                log.warning("reload: %s", line)
+            old = self.runtime
+            added = [
+                crt for name, crt in runtime.clusters.items() if old.clusters.get(name) is not crt
+            ]
+            await self._start_discovery(added)  # the first request on a new cluster finds endpoints
+            self.runtime = runtime  # the swap: requests from here on see the new config
+            gone = [
+                crt for name, crt in old.clusters.items() if runtime.clusters.get(name) is not crt
+            ]
+            for crt in gone:
+                self._retire(crt, still_named=crt.spec.name in runtime.clusters)
+            self._reloaded(
+                ok=True,
+                detail=f"{len(runtime.clusters)} cluster(s), {len(added)} new, {len(gone)} retired",
+            )
+            return True
+
+    def _load_runtime(self, paths: Sequence[str]) -> tuple[Config, Runtime]:
+        config = load_config(list(paths))
+        problem = self._unreloadable(config)
+        if problem:
+            raise ConfigError([problem])
+        return config, build_runtime(config, self.metrics, self.runtime)
+
+    def _unreloadable(self, config: Config) -> str | None:
+        old = sorted(ls.port for ls in self.runtime.config.listeners)
+        new = sorted(ls.port for ls in config.listeners)
+        if old != new:
+            return (
+                f"the Gateway ports changed ({old} -> {new}): listeners are not re-bound on "
+                "reload; restart the proxy to listen elsewhere"
+            )
+        return None
+
+    def _retire(self, crt: ClusterRuntime, *, still_named: bool) -> None:
+        for task in crt.tasks:
+            task.cancel()
+        # Idle connections close now; busy ones close when their exchange releases them.
+        for pool in crt.cluster.pools():
+            self._tasks.append(asyncio.create_task(pool.close()))
+        if self.metrics is not None and not still_named:
+            self.metrics.forget(crt.spec.name)
+
+    def _reloaded(self, *, ok: bool, detail: str) -> None:
+        if self.metrics is not None:
+            self.metrics.reload(ok)
+        if ok:
+            log.info("reload: configuration applied (%s)", detail)
+        else:
+            log.error("reload: failed (%s); still serving the previous configuration", detail)
+
+    async def _watch(self, interval: float) -> None:
+        seen = _fingerprint(self.options.config_paths)
+        while True:
+            await asyncio.sleep(interval)
+            now = await asyncio.to_thread(_fingerprint, self.options.config_paths)
+            if now != seen:
+                seen = now
+                log.info("config files changed: reloading")
+                await self.reload()
+
+    # ------------------------------------------------------------------ drain and stop
+    def begin_drain(self, *, hurry: bool = False) -> None:
+        """Readiness turns 503 now; ``run_until_signalled`` then drains and stops."""
+        if self.stopping.is_set() or hurry:
+            self._hurry.set()
+        if not self.draining:
+            log.info(
+                "draining: readiness 503, serving for %.1fs more",
+                0 if hurry else self.options.drain_time,
+            )
+        self.draining = True
+        self.stopping.set()
 
     async def stop(self, grace: float = 10.0) -> None:
+        self.draining = True
         for server in self.servers:
             server.close()
         self.connections.shutdown()
@@ -297,36 +606,84 @@ class Proxy:
                 "%d connections still busy after %.1fs: closing them", len(self.connections), grace
             )
             self.connections.abort()
-        for task in self._tasks:
+        tasks = [*self._tasks, *(t for crt in self.runtime.clusters.values() for t in crt.tasks)]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for crt in self.runtime.clusters.values():
             for pool in crt.cluster.pools():
                 await pool.close()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+        for runner in self.runners:
+            await runner.cleanup()
+        self.runners.clear()
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)
+        if self.metrics is not None:
+            self.metrics.flush()  # a worker's last counts reach the shared files
 
     def handle_signals(self) -> None:
-        """SIGINT/SIGTERM set ``stopping`` (call right after ``start``)."""
+        """SIGTERM drains, SIGINT stops without the drain time, SIGHUP reloads."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stopping.set)
+        self._signals = True
+        loop.add_signal_handler(signal.SIGTERM, self.begin_drain)
+        loop.add_signal_handler(signal.SIGINT, functools.partial(self.begin_drain, hurry=True))
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        if not self.started:
+            log.warning("SIGHUP ignored: still starting")
+            return
+        log.info("SIGHUP: reloading")
+        self._tasks.append(asyncio.create_task(self._reload_quietly()))
+
+    async def _reload_quietly(self) -> None:
+        await self.reload()
 
     async def run_until_signalled(self) -> None:
-        """Serve until SIGINT/SIGTERM, then stop."""
-        self.handle_signals()
+        """Serve until SIGTERM/SIGINT, then drain and stop."""
+        if not self._signals:
+            self.handle_signals()
         await self.stopping.wait()
+        if not self._hurry.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.options.drain_time):
+                    await self._hurry.wait()
+        log.info(
+            "stopping: no new connections; %d open, up to %.1fs for requests in flight",
+            len(self.connections),
+            self.options.drain_deadline,
+        )
+        await self.stop(grace=self.options.drain_deadline)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        log.info("stopping")
-        await self.stop()
+        log.info("stopped")
+
+
+def _fingerprint(paths: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
+    """(file, mtime_ns, size) of every config file, to notice edits (``--watch``)."""
+    found: list[tuple[str, int, int]] = []
+    for path in paths:
+        names = [path]
+        if os.path.isdir(path):
+            with contextlib.suppress(OSError):
+                names = [os.path.join(path, n) for n in sorted(os.listdir(path))]
+        for name in names:
+            try:
+                st = os.stat(name)
+            except OSError:
+                continue
+            found.append((name, st.st_mtime_ns, st.st_size))
+    return tuple(found)
 
 
 async def run_proxy(config: Config, options: RunOptions) -> int:
     """``sticky-proxy run``: serve until SIGINT/SIGTERM; 1 when a listener cannot bind."""
     proxy = Proxy(config, options)
+    proxy.handle_signals()  # a SIGTERM while starting drains too, instead of killing us
     try:
         await proxy.start()
     except (OSError, ValueError) as exc:

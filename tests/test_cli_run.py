@@ -53,7 +53,19 @@ async def test_quick_mode_serves_sticky_and_exits_0_on_sigterm() -> None:
     async with PodSet(2) as pods:
         ups = [arg for h, p in pods.addresses for arg in ("--upstream", f"{h}:{p}")]
         async with process(
-            "run", *ups, "--listen", "127.0.0.1:0", ready=r"listening on 127\.0\.0\.1:\d+"
+            "run",
+            *ups,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-port",
+            "off",
+            "--readiness-port",
+            "off",
+            "--metrics-port",
+            "off",
+            "--drain-time",
+            "0",
+            ready=r"listening on 127\.0\.0\.1:\d+",
         ) as (proc, line):
             port = int(line.rsplit(":", 1)[1])
             # A new connection per request: only the cookie can keep the session on one pod.

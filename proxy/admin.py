@@ -1,0 +1,291 @@
+"""The operating ports, as the Istio ingress gateway has them (served by aiohttp).
+
+::
+
+    :15021  GET /healthz/ready      200 while serving; 503 before start and from SIGTERM on
+    :15090  GET /stats/prometheus   every metric (all workers added up with --workers N)
+    :15000  (127.0.0.1 only unless told otherwise) Envoy-like admin:
+            GET /ready              200 LIVE | 503 DRAINING / PRE_INITIALIZING (Envoy's words)
+            GET /config_dump        the effective configuration as JSON (the compiled model)
+            GET /clusters           each endpoint: health, weight, share of the ring/table;
+                                    ?format=json for JSON
+            GET /route?host=H&path=P[&method=M][&header=K:V][&cookie=N=V]
+                       [&client_ip=IP][&client_port=N][&local=IP:PORT][&port=GATEWAY_PORT]
+                                    the CLI's ``route``, answered with the live endpoints
+            GET /stats/prometheus   as on :15090
+
+The data plane never runs here: these apps read the proxy's current ``Runtime`` (one reference)
+and its snapshots, exactly what the request path reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from multidict import MultiMapping
+
+from proxy.affinity import Affinity, set_cookie_value
+from proxy.metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from proxy.server import Proxy
+
+log = logging.getLogger("proxy.admin")
+
+PROXY_KEY = web.AppKey("proxy", object)
+
+
+# --------------------------------------------------------------------------- apps
+def readiness_app(is_ready: Callable[[], bool]) -> web.Application:
+    """Istio's ``/healthz/ready`` on the readiness port."""
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(status=200 if is_ready() else 503)
+
+    app = web.Application()
+    app.router.add_get("/healthz/ready", ready)
+    return app
+
+
+def metrics_app(exposition: Callable[[], bytes]) -> web.Application:
+    """Prometheus' scrape endpoint ``/stats/prometheus``."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=exposition(), headers={"content-type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/stats/prometheus", scrape)
+    return app
+
+
+def admin_app(proxy: Proxy) -> web.Application:
+    """The admin endpoints (bind them to loopback: they show the whole configuration)."""
+
+    async def ready(request: web.Request) -> web.Response:
+        if proxy.draining:
+            return web.Response(status=503, text="DRAINING\n")
+        if not proxy.started:
+            return web.Response(status=503, text="PRE_INITIALIZING\n")
+        return web.Response(text="LIVE\n")
+
+    async def config_dump(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"config": plain(proxy.runtime.config), "options": plain(proxy.options)},
+            dumps=_dumps,
+        )
+
+    async def clusters(request: web.Request) -> web.Response:
+        table = clusters_table(proxy)
+        if request.query.get("format") == "json":
+            return web.json_response(table, dumps=_dumps)
+        return web.Response(text=clusters_text(table))
+
+    async def route(request: web.Request) -> web.Response:
+        status, answer = route_request(proxy, request.query)
+        return web.json_response(answer, status=status, dumps=_dumps)
+
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=proxy.exposition(), headers={"content-type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/config_dump", config_dump)
+    app.router.add_get("/clusters", clusters)
+    app.router.add_get("/route", route)
+    app.router.add_get("/stats/prometheus", scrape)
+    return app
+
+
+async def start_app(
+    app: web.Application, host: str, port: int, *, reuse_port: bool = False
+) -> tuple[web.AppRunner, tuple[str, int]]:
+    """Serve ``app`` on host:port (0 picks one); returns the runner and the bound address."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0]
+    return runner, (bound[0], bound[1])
+
+
+# --------------------------------------------------------------------------- config_dump
+def plain(value: object) -> Any:
+    """A JSON-able rendering of the frozen config model (dataclasses, mappings, tuples)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.repr and hasattr(value, f.name)
+        }
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    if isinstance(value, frozenset | set):
+        return sorted((plain(v) for v in value), key=str)
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, re.Pattern):
+        return value.pattern
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, indent=2, default=str)
+
+
+# --------------------------------------------------------------------------- clusters
+def clusters_table(proxy: Proxy) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for name, crt in sorted(proxy.runtime.clusters.items()):
+        snap = crt.cluster.snapshot
+        healthy = {ep.key for ep in snap.healthy}
+        balancer = snap.balancer
+        in_balancer = set(balancer.hosts) if balancer is not None else set()
+        endpoints = [
+            {
+                "address": ep.key,
+                "health": "healthy" if ep.key in healthy else "unhealthy",
+                "weight": ep.weight,
+                "share": round(balancer.share(ep.key), 6)
+                if balancer is not None and ep.key in in_balancer
+                else 0.0,
+            }
+            for ep in snap.endpoints
+        ]
+        out.append(
+            {
+                "name": name,
+                "load_balancer": crt.spec.lb.describe,
+                "panic": snap.panic,
+                "healthy": len(snap.healthy),
+                "total": len(snap.endpoints),
+                "endpoints": endpoints,
+            }
+        )
+    return out
+
+
+def clusters_text(table: list[dict[str, Any]]) -> str:
+    """Envoy's ``/clusters`` text shape: ``cluster::host::field::value``."""
+    lines: list[str] = []
+    for cluster in table:
+        name = cluster["name"]
+        lines.append(f"{name}::load_balancer::{cluster['load_balancer']}")
+        lines.append(f"{name}::panic::{str(cluster['panic']).lower()}")
+        for ep in cluster["endpoints"]:
+            prefix = f"{name}::{ep['address']}"
+            lines.append(f"{prefix}::health_flags::{ep['health']}")
+            lines.append(f"{prefix}::weight::{ep['weight']}")
+            lines.append(f"{prefix}::share::{ep['share']:.6f}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- route
+def _split(text: str, sep: str) -> tuple[str, str] | None:
+    key, found, value = text.partition(sep)
+    if not found or not key.strip():
+        return None
+    return key.strip(), value.strip() if sep == ":" else value
+
+
+def route_request(proxy: Proxy, query: MultiMapping[str]) -> tuple[int, dict[str, Any]]:
+    """Where would this request go, now? (status, answer); 404 when no route matches."""
+    runtime = proxy.runtime
+    host = query.get("host")
+    if not host:
+        return 400, {"error": "host is required: /route?host=example.com&path=/"}
+    path = query.get("path", "/")
+    target = path if path.startswith("/") else "/" + path
+    method = query.get("method", "GET")
+    ports = sorted(runtime.routers)
+    try:
+        port = int(query["port"]) if "port" in query else (ports[0] if len(ports) == 1 else -1)
+        client = (query.get("client_ip", "127.0.0.1"), int(query.get("client_port", "54321")))
+    except ValueError as exc:
+        return 400, {"error": str(exc)}
+    router = runtime.routers.get(port)
+    if router is None:
+        return 400, {"error": f"choose a Gateway port with port= (ports: {ports})"}
+    local_text = query.get("local", f"127.0.0.1:{port}")
+    lhost, _, lport = local_text.rpartition(":")
+    if not lhost or not lport.isdigit():
+        return 400, {"error": f"local={local_text!r} must look like IP:PORT"}
+    local = (lhost.strip("[]"), int(lport))
+    headers: list[tuple[str, str]] = [("host", host)]
+    cookies: list[tuple[str, str]] = []
+    for kind, sep, into in (("header", ":", headers), ("cookie", "=", cookies)):
+        for value in query.getall(kind, []):
+            pair = _split(value, sep)
+            if pair is None:
+                return 400, {"error": f"{kind}={value!r} must look like NAME{sep}VALUE"}
+            into.append((pair[0].lower() if sep == ":" else pair[0], pair[1]))
+    if cookies:
+        headers.append(("cookie", "; ".join(f"{n}={v}" for n, v in cookies)))
+    header_map: dict[str, str] = {}
+    for name, value in headers:
+        header_map[name] = f"{header_map[name]},{value}" if name in header_map else value
+    params: dict[str, str] = {}
+    _, _, raw_query = target.partition("?")
+    for item in raw_query.split("&") if raw_query else ():
+        name, _, value = item.partition("=")
+        params.setdefault(name, value)
+    answer: dict[str, Any] = {"port": port, "request": f"{method} http://{host}{target}"}
+    decision = router.match(host, target, method, header_map, params)
+    if decision is None:
+        answer["route"] = None
+        answer["reply"] = "404 no route"
+        return 404, answer
+    action = decision.action
+    answer.update(
+        virtual_host=decision.vhost,
+        virtual_service=action.virtual_service,
+        route=action.route_name or f"http[{action.route_index}]",
+        cluster=decision.cluster,
+    )
+    reply = decision.local_reply
+    if reply is not None:
+        answer["reply"] = f"{reply.status}" + (
+            f" -> {decision.location}" if decision.location else ""
+        )
+        return 200, answer
+    crt = runtime.clusters.get(decision.cluster or "")
+    if crt is None:
+        answer["reply"] = "503 no healthy upstream (no such cluster)"
+        return 200, answer
+    answer["upstream_path"] = decision.path
+    hash_: int | None = None
+    affinity = action.affinity
+    if isinstance(affinity, Affinity):
+        wire = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+        hash_, generated = affinity.compute(wire, target.encode("latin-1"), client, local)
+        policy = affinity.cookie_policy
+        if generated is not None and policy is not None:
+            answer["set_cookie"] = set_cookie_value(policy, generated)
+    answer["hash_key"] = f"0x{hash_:016x}" if hash_ is not None else None
+    snap = crt.cluster.snapshot
+    answer["endpoints"] = [ep.key for ep in snap.healthy]
+    balancer = snap.balancer
+    if balancer is None:
+        answer["reply"] = "503 no healthy upstream"
+    elif crt.spec.lb.consistent_hash is None or hash_ is None:
+        answer["endpoint"] = None
+        answer["note"] = f"chosen per request by {crt.spec.lb.describe} (no hash key)"
+    else:
+        answer["endpoint"] = balancer.pick(hash_)
+    return 200, answer

@@ -1,0 +1,137 @@
+"""``python -m proxy run ...`` as a real process, for the signal tests (reload, drain, workers).
+
+Output (stdout and stderr together) is read continuously into ``lines`` so a busy proxy never
+blocks on a full pipe; ``wait_for`` awaits a line matching a pattern (no sleeps), and ``port``
+reads the ``<name> listening on HOST:PORT`` lines the proxy logs for every port it binds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).parent.parent
+OPS_PORTS = ("--admin-port", "0", "--readiness-port", "0", "--metrics-port", "0")
+OPS_LOCAL = ("--ops-address", "127.0.0.1")
+
+
+class ProxyProcess:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._new_line = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.lines.append(line.decode(errors="replace"))
+            self._new_line.set()
+        self._new_line.set()
+
+    async def wait_for(self, pattern: str, *, start: int = 0, within: float = 20) -> re.Match[str]:
+        """The first line from index ``start`` on that matches ``pattern``."""
+        regex = re.compile(pattern)
+        index = start
+        async with asyncio.timeout(within):
+            while True:
+                while index < len(self.lines):
+                    found = regex.search(self.lines[index])
+                    if found:
+                        return found
+                    index += 1
+                if self._reader.done():
+                    raise AssertionError(f"exited before {pattern!r}:\n{''.join(self.lines)}")
+                self._new_line.clear()
+                await self._new_line.wait()
+
+    async def port(self, name: str) -> int:
+        """The port of ``name`` ("admin", "readiness", "metrics"; "" for traffic)."""
+        prefix = rf"\b{name} " if name else r"proxy\.server: "
+        found = await self.wait_for(prefix + r"listening on [\d.]+:(\d+)")
+        return int(found.group(1))
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    async def exit_code(self, within: float = 20) -> int:
+        async with asyncio.timeout(within):
+            code = await self.proc.wait()
+            await self._reader
+        return code
+
+
+@asynccontextmanager
+async def proxy_process(*args: str) -> AsyncIterator[ProxyProcess]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    running = ProxyProcess(proc)
+    try:
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        await asyncio.gather(running._reader, return_exceptions=True)
+
+
+async def readiness(session: aiohttp.ClientSession, port: int) -> int:
+    async with session.get(f"http://127.0.0.1:{port}/healthz/ready") as resp:
+        return resp.status
+
+
+async def scrape(session: aiohttp.ClientSession, port: int) -> str:
+    async with session.get(f"http://127.0.0.1:{port}/stats/prometheus") as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+def sample_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def article_yaml(pods: list[tuple[str, int]], cookie: str = "ISTIOID") -> str:
+    """The article's Gateway/VirtualService/DestinationRule plus a ServiceEntry for ``pods``."""
+    article = (ROOT / "config" / "sticky.yaml").read_text().replace("ISTIOID", cookie)
+    endpoints = "".join(f"  - address: {h}\n    ports:\n      http: {p}\n" for h, p in pods)
+    return (
+        article
+        + "\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
+        + "metadata:\n  name: test2-bwce-srv\nspec:\n"
+        + "  hosts:\n  - test2-bwce-srv.default.svc.cluster.local\n"
+        + "  ports:\n  - number: 8080\n    name: http\n    protocol: HTTP\n"
+        + f"  resolution: STATIC\n  endpoints:\n{endpoints}"
+    )
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 10) -> None:
+    """Poll ``predicate`` (state in another process or thread, with no event to await)."""
+    async with asyncio.timeout(within):
+        for _ in itertools.count():
+            if predicate():
+                return
+            await asyncio.sleep(0.02)
