@@ -804,7 +804,8 @@ def test_health_check_annotation_reaches_the_cluster() -> None:
         GATEWAY,
         vs(ROUTE_TO_SVC),
         dr("trafficPolicy: {loadBalancer: {simple: RANDOM}}").replace(
-            "{name: dr}", "{name: dr, annotations: {sticky-proxy/health-check: 'path=/healthz interval=5s'}}"
+            "{name: dr}",
+            "{name: dr, annotations: {sticky-proxy/health-check: 'path=/healthz interval=5s'}}",
         ),
     )
     assert cluster(config).health_check == "path=/healthz interval=5s"
