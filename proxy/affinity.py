@@ -141,6 +141,7 @@ _INLINE_REQUEST_HEADERS = frozenset(
 )
 
 _OWS = b" \t"
+GENERATED_CACHE_SIZE = 4096  # connections whose generated cookie is remembered
 _COOKIE = b"cookie"
 
 
@@ -238,6 +239,7 @@ class Affinity:
     """
 
     __slots__ = (
+        "_connections",
         "_set_cookie_prefix",
         "_set_cookie_suffix",
         "_steps",
@@ -273,6 +275,9 @@ class Affinity:
         self.cookie_policy: CookiePolicy | None = generator or first_cookie
         self._set_cookie_prefix = b""
         self._set_cookie_suffix = b""
+        # The generated value depends on the connection only; a client that makes several
+        # requests before it stores the cookie reuses it from here.
+        self._connections: dict[tuple[tuple[str, int], tuple[str, int]], tuple[str, int]] = {}
         if generator is not None:
             prefix, _, suffix = set_cookie_value(generator, "\0").partition("\0")
             self._set_cookie_prefix = b"set-cookie: " + prefix.encode()
@@ -296,10 +301,9 @@ class Affinity:
                     new = xxh64(value)
                 elif flag:
                     if generated is None:
-                        generated = generated_cookie_value(
-                            format_address(*remote), format_address(*local)
-                        )
-                    new = xxh64(generated)
+                        generated, new = self._generated(remote, local)
+                    else:
+                        new = xxh64(generated)
                 else:
                     new = None
             elif kind == _KIND_HEADER:
@@ -314,6 +318,18 @@ class Affinity:
             if terminal and result is not None:
                 break
         return result, generated
+
+    def _generated(self, remote: tuple[str, int], local: tuple[str, int]) -> tuple[str, int]:
+        """The generated cookie value for this connection and its hash."""
+        key = (remote, local)
+        found = self._connections.get(key)
+        if found is None:
+            value = generated_cookie_value(format_address(*remote), format_address(*local))
+            found = (value, xxh64(value))
+            if len(self._connections) >= GENERATED_CACHE_SIZE:
+                self._connections.clear()
+            self._connections[key] = found
+        return found
 
     def set_cookie_header(self, value: str) -> bytes:
         """The full ``set-cookie: ...\\r\\n`` line for the (first) generating cookie policy."""

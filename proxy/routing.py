@@ -150,6 +150,11 @@ class RouteDecision:
         return self.entry.rewrite(path + "?" + query if query else path, path).encode("latin-1")
 
     @property
+    def deterministic(self) -> bool:
+        """The same request gets the same decision (no weighted pick among destinations)."""
+        return len(self.entry.choice.actions) == 1
+
+    @property
     def local_reply(self) -> LocalReply | None:
         """The response for a redirect or direct response route, else None."""
         reply = self.action.reply

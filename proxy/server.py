@@ -60,7 +60,7 @@ from proxy.http1 import (
     serve,
 )
 from proxy.metrics import RETRIES_ON_EXCHANGE
-from proxy.routing import Router
+from proxy.routing import RouteDecision, Router
 from proxy.upstream import CircuitBreaker, UpstreamPool
 
 if TYPE_CHECKING:
@@ -225,35 +225,93 @@ class _NextPool:
         return self.pools.get(next_distinct(self.balancer, self.hash, self.first, attempt))
 
 
-class Dispatcher:
-    """``proxy.http1.Dispatcher`` for one listener port: route, hash, pick; count and log."""
+class _Prepared:
+    """What a route decision means for the request path, computed once per distinct decision."""
 
-    __slots__ = ("pending", "port", "proxy")
+    __slots__ = (
+        "affinity",
+        "authority",
+        "cluster",
+        "plan",
+        "reply",
+        "request_headers",
+        "response_headers",
+        "target",
+        "timeout",
+    )
+
+    def __init__(self, decision: RouteDecision) -> None:
+        self.reply = decision.local_reply
+        self.cluster = decision.cluster or ""
+        # Istio puts the hash policy on the route (a weighted split folds every destination's
+        # policy into one key), so the route's affinity decides, not the cluster's.
+        self.affinity = decision.action.affinity
+        self.target = decision.path.encode("latin-1") if decision.rewrites_path else None
+        self.authority = decision.authority
+        self.request_headers = decision.request_headers
+        self.response_headers = decision.response_headers
+        self.timeout = decision.timeout
+        self.plan = retry_plan(decision.retries)
+
+
+# Distinct (Host, method, target) triples remembered per listener before the cache starts over.
+ROUTE_CACHE_SIZE = 4096
+
+
+class Dispatcher:
+    """``proxy.http1.Dispatcher`` for one listener port: route, hash, pick; count and log.
+
+    Routing a request whose route depends only on Host, method and target (no header or query
+    conditions, no weighted split) gives the same answer every time for the same runtime, so
+    those answers are remembered: the common request pays one dict lookup instead of decoding
+    the head and walking the route table.
+    """
+
+    __slots__ = ("_cache", "_cached_for", "pending", "port", "proxy")
 
     def __init__(self, proxy: Proxy, port: int) -> None:
         self.proxy = proxy
         self.port = port
         # Exchange -> the stats of the cluster it was sent to (Exchange has no slot for it).
         self.pending: dict[Exchange, ClusterStats] = {}
+        self._cache: dict[tuple[bytes | None, bytes, bytes], _Prepared] = {}
+        self._cached_for: Runtime | None = None
 
-    def dispatch(self, ex: Exchange) -> Forward | LocalReply:
-        runtime = self.proxy.runtime
+    def _route(self, runtime: Runtime, ex: Exchange) -> _Prepared | None:
         router = runtime.routers.get(self.port)
         if router is None:
-            ex.flags = "NR"
-            return NO_ROUTE
+            return None
+        cacheable = not (router.needs_headers or router.needs_query)
+        if cacheable:
+            if runtime is not self._cached_for:
+                self._cache.clear()
+                self._cached_for = runtime
+            found = self._cache.get((ex.authority, ex.method, ex.target))
+            if found is not None:
+                return found
         target = ex.target.decode("latin-1")
         headers = _headers_map(ex.headers) if router.needs_headers else _EMPTY
         params = _query_params(target) if router.needs_query else _EMPTY
         authority = ex.authority.decode("latin-1") if ex.authority else ""
         decision = router.match(authority, target, ex.method.decode("latin-1"), headers, params)
         if decision is None:
+            return None
+        prepared = _Prepared(decision)
+        if cacheable and decision.deterministic:
+            if len(self._cache) >= ROUTE_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[(ex.authority, ex.method, ex.target)] = prepared
+        return prepared
+
+    def dispatch(self, ex: Exchange) -> Forward | LocalReply:
+        runtime = self.proxy.runtime
+        route = self._route(runtime, ex)
+        if route is None:
             ex.flags = "NR"
             return NO_ROUTE
-        reply = decision.local_reply
-        if reply is not None:
-            return reply
-        crt = runtime.clusters.get(decision.cluster or "")
+        if route.reply is not None:
+            return route.reply
+        crt = runtime.clusters.get(route.cluster)
         if crt is None:
             ex.flags = "NC"
             return NO_CLUSTER
@@ -268,9 +326,7 @@ class Dispatcher:
             return NO_HEALTHY_UPSTREAM
         set_cookie = None
         hash_: int | None = None
-        # Istio puts the hash policy on the route (a weighted split folds every destination's
-        # policy into one key), so the route's affinity decides, not the cluster's.
-        affinity = decision.action.affinity
+        affinity = route.affinity
         if affinity is not None:
             hash_, generated = affinity.compute(ex.headers, ex.target, ex.peer, ex.sock)
             if generated is not None:
@@ -281,15 +337,15 @@ class Dispatcher:
         if hash_ is None:
             hash_ = random.getrandbits(64)
         key = balancer.pick(hash_)
-        plan = retry_plan(decision.retries)
+        plan = route.plan
         return Forward(
             snap.pools[key],
-            target=decision.path.encode("latin-1") if decision.rewrites_path else None,
-            authority=decision.authority,
-            request_headers=decision.request_headers,
-            response_headers=decision.response_headers,
+            target=route.target,
+            authority=route.authority,
+            request_headers=route.request_headers,
+            response_headers=route.response_headers,
             set_cookie=set_cookie,
-            timeout=decision.timeout,
+            timeout=route.timeout,
             next_pool=_NextPool(snap.pools, balancer, hash_, key, stats, keyed),
             connect_retries=plan.connect_retries(len(balancer.hosts)) if plan is not None else 0,
             retry=plan,

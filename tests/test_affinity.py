@@ -337,3 +337,15 @@ def test_no_policies_no_key() -> None:
     assert not affinity.generates_cookie
     assert affinity.cookie_policy is None
     assert affinity.compute([(b"cookie", b"a=1")], b"/?a=1", REMOTE, LOCAL) == (None, None)
+
+
+def test_generated_cookie_is_per_connection_even_when_remembered() -> None:
+    affinity = Affinity([CookiePolicy("ISTIOID", ttl=60)])
+    local = ("10.0.0.2", 8080)
+    seen = {}
+    for port in (54321, 54322, 54321):
+        hash_, value = affinity.compute([], b"/", ("10.0.0.1", port), local)
+        expected = generated_cookie_value(f"10.0.0.1:{port}", "10.0.0.2:8080")
+        assert value == expected and hash_ == xxhash.xxh64_intdigest(expected.encode())
+        seen[port] = value
+    assert seen[54321] == "d5bede35465dd05f" and seen[54322] != seen[54321]

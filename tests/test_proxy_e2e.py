@@ -240,3 +240,53 @@ async def test_websocket_through_the_proxy_keeps_the_session(
             assert hello["pod"] == pod_of(pods, ring.pick(xxh64("ws-user")))
             await ws.send_str("ping")
             assert (await ws.receive(timeout=5)).data == "ping"
+
+
+def _split_config(pods: PodSet) -> Config:
+    (h1, p1), (h2, p2) = pods.addresses[:2]
+    return load_text(f"""
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ["*"]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: split}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route:
+    - {{destination: {{host: a.local}}, weight: 50}}
+    - {{destination: {{host: b.local}}, weight: 50}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: a}}
+spec:
+  hosts: [a.local]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {h1}, ports: {{http: {p1}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: b}}
+spec:
+  hosts: [b.local]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {h2}, ports: {{http: {p2}}}}}]
+""")
+
+
+async def test_weighted_split_is_decided_per_request_not_remembered(
+    pods: PodSet, session: aiohttp.ClientSession
+) -> None:
+    # The dispatcher remembers route decisions per (Host, method, target); a weighted split
+    # must not be remembered, or every later request would follow the first one's draw.
+    async with running(_split_config(pods)) as url:
+        seen = Counter([await get_pod(session, url + "/same") for _ in range(60)])
+    assert set(seen) == {pods.names[0], pods.names[1]}
