@@ -1,8 +1,7 @@
 """Issue 5 end to end: real demo pods stopped and started under load, through the real proxy.
 
-``WiredProxy`` is ``proxy.server.Proxy`` with the failure handling wired in exactly as the issue
-asks server.py to do (retry plan on every Forward, a circuit breaker per cluster, ClusterHealth
-per cluster); it lives here until server.py takes the same lines.
+``WiredProxy`` is ``proxy.server.Proxy`` itself (which wires a retry plan into every Forward, a
+circuit breaker and a ClusterHealth into every cluster) plus accessors for the tests.
 
 Which pod a session must land on is always computed independently with ``proxy.hashing``: Envoy
 rebuilds its ring over the healthy pods only, with a new scale (entries per host =
@@ -18,118 +17,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
 
 from proxy.cluster import Cluster
-from proxy.config import Config, Endpoint
+from proxy.config import Config
 from proxy.demo import PodSet
 from proxy.hashing import Maglev, RingHash, xxh64
 from proxy.health import ClusterHealth
-from proxy.http1 import Exchange, Forward, LocalReply, retry_plan, serve
 from proxy.istio import load_text
-from proxy.server import ClusterRuntime, Dispatcher, Proxy, RunOptions
-from proxy.upstream import CircuitBreaker, UpstreamPool
+from proxy.server import Proxy, RunOptions
+from proxy.upstream import UpstreamPool
 
 pytestmark = pytest.mark.timeout(90)
 
 LISTEN = RunOptions(listen=(("127.0.0.1", 0),))
 
 
-# --------------------------------------------------------------------------- the wiring
-def wire_cluster(crt: ClusterRuntime) -> tuple[CircuitBreaker, ClusterHealth]:
-    """What ClusterRuntime.__init__ gains: a breaker shared by its pools, and its health."""
-    pool = crt.spec.pool
-    breaker = CircuitBreaker(
-        pool.max_connections, pool.http1_max_pending_requests, pool.max_retries
-    )
-
-    def make_pool(ep: Endpoint) -> UpstreamPool:
-        return UpstreamPool(
-            ep.address,
-            ep.port,
-            connect_timeout=pool.connect_timeout,
-            idle_timeout=pool.idle_timeout,
-            max_requests_per_connection=pool.max_requests_per_connection,
-            breaker=breaker,
-        )
-
-    crt.cluster.pool_factory = make_pool
-    return breaker, ClusterHealth(crt.spec, crt.cluster)
-
-
-class WiredDispatcher(Dispatcher):
-    """server.Dispatcher plus issue 5's retry plan on every Forward.
-
-    server.py does it in ``dispatch`` with the route decision at hand (see the report); a test
-    subclass has to match the route a second time to find the route's RetryPolicy.
-    """
-
-    def dispatch(self, ex: Exchange) -> Forward | LocalReply:
-        fwd = super().dispatch(ex)
-        if isinstance(fwd, Forward):
-            router = self.proxy.runtime.routers[self.port]
-            decision = router.match(
-                ex.authority.decode("latin-1") if ex.authority else "",
-                ex.target.decode("latin-1"),
-                ex.method.decode("latin-1"),
-                {},
-                {},
-            )
-            assert decision is not None and decision.cluster is not None
-            crt = self.proxy.runtime.clusters[decision.cluster]
-            balancer = crt.cluster.snapshot.balancer
-            assert balancer is not None
-            plan = retry_plan(decision.retries)  # cached per RetryPolicy object
-            fwd.retry = plan
-            fwd.connect_retries = plan.connect_retries(len(balancer.hosts)) if plan else 0
-        return fwd
-
-
+# --------------------------------------------------------------------------- the proxy
 class WiredProxy(Proxy):
-    """server.Proxy plus issue 5's wiring (see the report for the same lines in server.py)."""
+    """The real proxy (server.py wires retries, breakers and health), with test accessors."""
 
     def __init__(self, config: Config, options: RunOptions = LISTEN) -> None:
         super().__init__(config, options)
-        self.health: dict[str, ClusterHealth] = {}
-        self.breakers: dict[str, CircuitBreaker] = {}
-        for name, crt in self.runtime.clusters.items():
-            self.breakers[name], self.health[name] = wire_cluster(crt)
-
-    def _endpoints_changed(self, crt: ClusterRuntime, endpoints: tuple[Endpoint, ...]) -> None:
-        super()._endpoints_changed(crt, endpoints)
-        self.health[crt.spec.name].sync()
-
-    async def _start_discovery(self, clusters: Iterable[ClusterRuntime]) -> None:
-        clusters = list(clusters)
-        await super()._start_discovery(clusters)
-        for crt in clusters:  # after the first resolution: the checks find endpoints
-            health = self.health[crt.spec.name]
-            if health.enabled:
-                crt.tasks.append(asyncio.create_task(health.run()))
-
-    async def _start_listeners(self) -> None:
-        for host, port, gateway_port in self._listen_addresses():
-            self.servers.append(
-                await serve(
-                    WiredDispatcher(self, gateway_port),
-                    host,
-                    port,
-                    self.options.settings,
-                    connections=self.connections,
-                )
-            )
 
     def cluster(self) -> Cluster[UpstreamPool]:
         (crt,) = self.runtime.clusters.values()
         return crt.cluster
 
     def only_health(self) -> ClusterHealth:
-        (health,) = self.health.values()
-        return health
+        (crt,) = self.runtime.clusters.values()
+        return crt.health
 
 
 @asynccontextmanager
