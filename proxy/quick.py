@@ -8,7 +8,6 @@ YAML to start from when the flags are no longer enough.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import yaml
@@ -146,8 +145,3 @@ def quick_config(opts: QuickOptions) -> Config:
     if not opts.upstreams:
         raise ValueError("quick mode needs at least one --upstream HOST:PORT")
     return load_text(quick_yaml(opts), "<quick mode flags>")
-
-
-def describe(opts: QuickOptions) -> str:
-    ups: Sequence[str] = [f"{h}:{p}" for h, p in opts.upstreams]
-    return f"quick mode: {len(ups)} upstream(s) {' '.join(ups)}"

@@ -282,11 +282,12 @@ class Dispatcher:
         if router is None:
             return None
         cacheable = not (router.needs_headers or router.needs_query)
+        key = (ex.authority, ex.method, ex.target)
         if cacheable:
             if runtime is not self._cached_for:
                 self._cache.clear()
                 self._cached_for = runtime
-            found = self._cache.get((ex.authority, ex.method, ex.target))
+            found = self._cache.get(key)
             if found is not None:
                 return found
         target = ex.target.decode("latin-1")
@@ -300,7 +301,7 @@ class Dispatcher:
         if cacheable and decision.deterministic:
             if len(self._cache) >= ROUTE_CACHE_SIZE:
                 self._cache.clear()
-            self._cache[(ex.authority, ex.method, ex.target)] = prepared
+            self._cache[key] = prepared
         return prepared
 
     def dispatch(self, ex: Exchange) -> Forward | LocalReply:
