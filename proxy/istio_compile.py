@@ -1,0 +1,347 @@
+"""The cross-resource pass: parsed resources -> listeners, virtual services and clusters.
+
+Theory
+------
+It runs once every document has been parsed, so a reference may name a resource read later: it
+checks the Gateways named by VirtualServices and their matches and the subsets named by
+destinations, and reports a host claimed by two ServiceEntries (the first keeps it).  Listeners: one
+per port, the servers of every Gateway on that port together (they must agree on the bind address).
+Clusters: one per destination reachable through a listener, and per port (and subset) of every
+ServiceEntry host.
+
+* **Destination port** when omitted: the ServiceEntry's only port, else the listener port
+  (``GetDestinationCluster``) - so one route can target different clusters per Gateway port.
+* **Endpoints**: a ServiceEntry gives them (STATIC addresses, or DNS names; endpoint ``ports``
+  map the service port by name, else ``targetPort``, else the port itself; weight 0 means 1);
+  a host without a ServiceEntry is resolved through DNS at the destination port (a Kubernetes
+  headless Service answers one address per pod).  Subsets select endpoints by labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from proxy.config import (
+    DEFAULT_LB,
+    DEFAULT_POOL,
+    ClusterSpec,
+    Destination,
+    DnsEndpoints,
+    Endpoint,
+    GatewaySpec,
+    HttpRoute,
+    Issues,
+    ListenerSpec,
+    Reader,
+    RouteDestination,
+    StaticEndpoints,
+    VirtualServiceSpec,
+    cluster_name,
+    destination_port,
+    did_you_mean,
+    host_subset_of,
+    join_path,
+    labels_match,
+)
+from proxy.istio_dr import (
+    _DestinationRule,
+    _effective_policy,
+    _hash_for_destination,
+    _merge_rules,
+    _rule_for,
+    _ServiceEntry,
+)
+from proxy.istio_names import HEALTH_CHECK_ANNOTATION, MESH_GATEWAY
+from proxy.istio_vs import _RawDestination, _RawRoute, _VirtualService
+
+
+@dataclass(slots=True)
+class _Parsed:
+    gateways: list[tuple[GatewaySpec, Reader]] = field(default_factory=list)
+    virtual_services: list[_VirtualService] = field(default_factory=list)
+    destination_rules: list[_DestinationRule] = field(default_factory=list)
+    service_entries: list[_ServiceEntry] = field(default_factory=list)
+    seen: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+class _Compiler:
+    """Cross-resource work: references, DestinationRule merging, clusters, listeners."""
+
+    def __init__(self, parsed: _Parsed, issues: Issues) -> None:
+        self.parsed = parsed
+        self.issues = issues
+        self.gateways = {gw.key: gw for gw, _ in parsed.gateways}
+        self.rules = _merge_rules(parsed.destination_rules)
+        self.entries: dict[str, _ServiceEntry] = {}
+        for se in parsed.service_entries:
+            for host in se.hosts:
+                other = self.entries.get(host)
+                if other is not None:
+                    se.reader.error(
+                        "spec.hosts",
+                        f"host {host} is already defined by "
+                        f"ServiceEntry {other.meta.key} ({other.meta.where})",
+                    )
+                else:
+                    self.entries[host] = se
+        self.service_ports = {
+            host: tuple(p.number for p in se.ports) for host, se in self.entries.items()
+        }
+        self.clusters: dict[str, ClusterSpec] = {}
+
+    # ---- virtual services
+
+    def virtual_services(self) -> list[VirtualServiceSpec]:
+        out: list[VirtualServiceSpec] = []
+        for vs in self.parsed.virtual_services:
+            for path, ref in vs.gateways:
+                self._check_gateway_ref(vs.reader, path, ref)
+            routes = []
+            for raw in vs.routes:
+                for path, ref in raw.match_gateway_paths:
+                    self._check_gateway_ref(vs.reader, path, ref)
+                routes.append(self._route(vs, raw))
+            gateways = tuple(g for _, g in vs.gateways) or (MESH_GATEWAY,)
+            if gateways == (MESH_GATEWAY,):
+                vs.reader.warn(
+                    "spec.gateways",
+                    "bound to the mesh only (no gateways): "
+                    "sticky-proxy serves Gateway-bound routes, so this VirtualService "
+                    "is not used",
+                )
+            out.append(
+                VirtualServiceSpec(
+                    vs.meta.name,
+                    vs.meta.namespace,
+                    tuple(vs.hosts),
+                    gateways,
+                    tuple(routes),
+                    vs.meta.where,
+                )
+            )
+        return out
+
+    def _check_gateway_ref(self, r: Reader, path: str, ref: str) -> None:
+        if ref == MESH_GATEWAY or ref in self.gateways:
+            return
+        r.error(path, f"Gateway {ref} not found{did_you_mean(ref, self.gateways)}")
+
+    def _route(self, vs: _VirtualService, raw: _RawRoute) -> HttpRoute:
+        destinations: list[RouteDestination] = []
+        for d in raw.destinations:
+            self._check_subset(vs.reader, d)
+            rule = _rule_for(d.destination.host, self.rules)
+            destinations.append(
+                RouteDestination(
+                    d.destination, d.weight, d.headers, _hash_for_destination(d.destination, rule)
+                )
+            )
+        retries = raw.route.retries
+        if retries is not None:
+            # Istio drops the previous-hosts predicate on hashing routes: a retry must stay on
+            # the ring.  retryIgnorePreviousHosts, when given, decides instead.
+            hashing = len(destinations) == 1 and bool(destinations[0].hash_policies)
+            previous_hosts = (
+                raw.ignore_previous_hosts if raw.ignore_previous_hosts is not None else not hashing
+            )
+            retries = replace(retries, retry_previous_hosts=previous_hosts)
+        return replace(raw.route, route=tuple(destinations), retries=retries)
+
+    def _check_subset(self, r: Reader, d: _RawDestination) -> None:
+        subset = d.destination.subset
+        if subset is None:
+            return
+        rule = _rule_for(d.destination.host, self.rules)
+        path = join_path(join_path(d.path, "destination"), "subset")
+        if rule is None:
+            r.error(
+                path, f"subset {subset} not found: no DestinationRule for host {d.destination.host}"
+            )
+        elif subset not in rule.subsets:
+            known = ", ".join(rule.subsets) or "none"
+            r.error(
+                path,
+                f"subset {subset} not found in DestinationRule {rule.names[0]} "
+                f"(subsets: {known}){did_you_mean(subset, rule.subsets)}",
+            )
+
+    # ---- listeners
+
+    def listeners(self) -> list[ListenerSpec]:
+        by_port: dict[int, tuple[str, list[str], str]] = {}
+        for gw, r in self.parsed.gateways:
+            for i, server in enumerate(gw.servers):
+                if not server.served:
+                    continue
+                bind = server.bind or "0.0.0.0"
+                current = by_port.get(server.port)
+                if current is None:
+                    by_port[server.port] = (bind, [gw.key], gw.key)
+                    continue
+                if current[0] != bind:
+                    r.error(
+                        f"spec.servers[{i}].bind",
+                        f"port {server.port} is already bound to "
+                        f"{current[0]} by Gateway {current[2]}; sticky-proxy opens one "
+                        "listener per port",
+                    )
+                if gw.key not in current[1]:
+                    current[1].append(gw.key)
+        return [
+            ListenerSpec(port, bind, "HTTP", tuple(gws))
+            for port, (bind, gws, _) in sorted(by_port.items())
+        ]
+
+    # ---- clusters
+
+    def build_clusters(
+        self, listeners: Sequence[ListenerSpec], virtual_services: Sequence[VirtualServiceSpec]
+    ) -> None:
+        raw_by_vs = {vs.meta.key: vs for vs in self.parsed.virtual_services}
+        for listener in listeners:
+            bound = set(listener.gateways)
+            for vs in virtual_services:
+                if not bound.intersection(vs.gateways):
+                    continue
+                raw = raw_by_vs[vs.key]
+                if not self._serves_any_host(vs, listener):
+                    continue
+                for route, raw_route in zip(vs.http, raw.routes, strict=True):
+                    for dest, raw_dest in zip(route.route, raw_route.destinations, strict=True):
+                        self._destination_cluster(
+                            raw.reader, raw_dest.path, dest.destination, listener.port
+                        )
+        for se in self.parsed.service_entries:
+            for host in se.hosts:
+                if self.entries.get(host) is not se:
+                    continue
+                rule = self.rules.get(host)
+                for port in se.ports:
+                    self._cluster(host, port.number, None)
+                    for subset in rule.subsets if rule else ():
+                        self._cluster(host, port.number, subset)
+        for parsed_vs in self.parsed.virtual_services:
+            refs = [g for _, g in parsed_vs.gateways if g in self.gateways]
+            hosts = set(parsed_vs.hosts)
+            if refs and not any(
+                self._vs_matches_gateway(parsed_vs, hosts, self.gateways[g]) for g in refs
+            ):
+                parsed_vs.reader.warn(
+                    "spec.hosts",
+                    "no host matches a host of its Gateways' servers, "
+                    "so no request reaches this VirtualService",
+                )
+
+    def _serves_any_host(self, vs: VirtualServiceSpec, listener: ListenerSpec) -> bool:
+        for key in listener.gateways:
+            gw = self.gateways.get(key)
+            if gw is None or key not in vs.gateways:
+                continue
+            for server in gw.servers:
+                if server.port == listener.port and server.served:
+                    for sh in server.hosts:
+                        if sh.namespace in ("*", vs.namespace) and any(
+                            host_subset_of(sh.host, h) or host_subset_of(h, sh.host)
+                            for h in vs.hosts
+                        ):
+                            return True
+        return False
+
+    @staticmethod
+    def _vs_matches_gateway(vs: _VirtualService, hosts: set[str], gw: GatewaySpec) -> bool:
+        for server in gw.servers:
+            for sh in server.hosts:
+                if sh.namespace in ("*", vs.meta.namespace) and any(
+                    host_subset_of(sh.host, h) or host_subset_of(h, sh.host) for h in hosts
+                ):
+                    return True
+        return False
+
+    def _destination_cluster(
+        self, r: Reader, path: str, dest: Destination, listener_port: int
+    ) -> None:
+        port = destination_port(dest, listener_port, self.service_ports)
+        se = self.entries.get(dest.host)
+        dpath = join_path(path, "destination")
+        if se is not None and port not in (p.number for p in se.ports):
+            ports = ", ".join(str(p.number) for p in se.ports)
+            if dest.port is not None:
+                r.error(
+                    join_path(dpath, "port") + ".number",
+                    f"port {port} is not a port of ServiceEntry {se.meta.key} for host "
+                    f"{dest.host} (ports: {ports})",
+                )
+            else:
+                r.error(
+                    join_path(dpath, "port"),
+                    f"required: ServiceEntry {se.meta.key} has several ports ({ports}) and "
+                    f"Istio's fallback, the listener port {listener_port}, is not one of them",
+                )
+            return
+        if se is None and dest.port is None:
+            r.warn(
+                join_path(dpath, "port"),
+                f"not set and host {dest.host} has no "
+                f"ServiceEntry: Istio's fallback, the listener port {listener_port}, is used",
+            )
+        self._cluster(dest.host, port, dest.subset)
+
+    def _cluster(self, host: str, port: int, subset: str | None) -> None:
+        name = cluster_name(host, port, subset)
+        if name in self.clusters:
+            return
+        rule = _rule_for(host, self.rules)
+        if subset is not None and (rule is None or subset not in rule.subsets):
+            return  # reported by _check_subset
+        policy = _effective_policy(rule, subset, port)
+        se = self.entries.get(host)
+        selector = rule.subsets[subset].labels if rule and subset else ()
+        endpoints, source = self._endpoints(host, port, selector, subset)
+        outlier = policy.outlier if policy else None
+        health = (rule.health_check if rule else None) or (
+            se.meta.annotations.get(HEALTH_CHECK_ANNOTATION) if se else None
+        )
+        self.clusters[name] = ClusterSpec(
+            name=name,
+            host=host,
+            port=port,
+            subset=subset,
+            lb=(policy.lb if policy and policy.lb else DEFAULT_LB),
+            endpoints=endpoints,
+            outlier=outlier,
+            pool=(policy.pool if policy and policy.pool else DEFAULT_POOL),
+            health_check=health,
+            panic_threshold=float(outlier.min_health_percent) if outlier else 50.0,
+            source=source,
+        )
+
+    def _endpoints(
+        self, host: str, port: int, selector: tuple[tuple[str, str], ...], subset: str | None
+    ) -> tuple[StaticEndpoints | DnsEndpoints, str]:
+        se = self.entries.get(host)
+        if se is None:
+            if selector:
+                rule = _rule_for(host, self.rules)
+                if rule is not None:
+                    rule.reader.warn(
+                        "spec.subsets",
+                        f"subset {subset} selects labels but host "
+                        f"{host} has no ServiceEntry: DNS answers carry no labels, "
+                        "so this subset has no endpoints",
+                    )
+                return DnsEndpoints(()), f"DNS {host}"
+            return DnsEndpoints((Endpoint(host, port),)), f"DNS {host}"
+        service_port = next(p for p in se.ports if p.number == port)
+        chosen: list[Endpoint] = []
+        for ep in se.endpoints:
+            if selector and not labels_match(ep.labels, selector):
+                continue
+            target = ep.ports.get(service_port.name) or service_port.target or port
+            chosen.append(Endpoint(ep.address, target, ep.weight, ep.labels))
+        where = f"ServiceEntry {se.meta.key}"
+        if se.resolution == "STATIC":
+            return StaticEndpoints(tuple(chosen)), where
+        if not se.endpoints:
+            return DnsEndpoints((Endpoint(host, service_port.target or port),)), where
+        return DnsEndpoints(tuple(chosen)), where

@@ -1,0 +1,379 @@
+"""What stands behind a destination host: its DestinationRules and its ServiceEntry.
+
+Theory
+------
+* **Several DestinationRules for one host** merge as in Istio: subsets are concatenated (the
+  first of a name wins), the first top-level traffic policy wins.  A host without a rule of its
+  own takes the most specific wildcard rule that covers it.
+* **Hash policy of a route** comes from the destination host's DestinationRule:
+  subset port-level > subset > port-level > top-level ``consistentHash``, where the port-level
+  entries are only consulted when the destination names its port (``hashForHTTPDestination``).
+* **Cluster traffic policy** (``MergeSubsetTrafficPolicy``): the top-level policy, replaced
+  *wholesale* by a port-level entry for the cluster's port (no inheritance: omitted fields get
+  defaults); then the subset's fields override one by one, unless the subset has a port-level
+  entry for the port, which again replaces all four (loadBalancer, connectionPool,
+  outlierDetection, tls).  No DestinationRule, or no loadBalancer: LEAST_REQUEST.
+
+A ServiceEntry names hosts, ports (unique names and numbers) and, for ``resolution: STATIC``, IP
+endpoints or, for ``DNS``, names to resolve; NONE (original-destination passthrough) and
+DNS_ROUND_ROBIN are not supported.  How endpoints become a cluster's members is
+``proxy.istio_compile``'s part.  The traffic policy of one level is parsed by
+``proxy.istio_policy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from proxy.affinity import HashPolicy
+from proxy.config import (
+    UINT32_MAX,
+    Destination,
+    Reader,
+    did_you_mean,
+    fqdn_problem,
+    host_subset_of,
+    is_dns1123_label,
+    is_ip,
+    join_path,
+    labels_of,
+    type_name,
+    wildcard_domain_problem,
+)
+from proxy.istio_names import HEALTH_CHECK_ANNOTATION, NOT_SUPPORTED, _Meta, resolve_short_name
+from proxy.istio_policy import _Policy, _traffic_policy
+
+# --------------------------------------------------------------------------- DestinationRule
+
+
+@dataclass(frozen=True, slots=True)
+class _Subset:
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    policy: _Policy | None
+
+
+@dataclass(slots=True)
+class _DestinationRule:
+    meta: _Meta
+    reader: Reader
+    host: str
+    policy: _Policy | None
+    subsets: list[_Subset]
+
+
+def _destination_rule(r: Reader, meta: _Meta, spec: object) -> _DestinationRule | None:
+    s = r.mapping(
+        spec,
+        "spec",
+        ("host", "trafficPolicy", "subsets", "exportTo"),
+        {"workloadSelector": "a DestinationRule here applies to every request"},
+    )
+    if s is None:
+        return None
+    host = r.string(s, "host", "spec", required=True)
+    if host is not None:
+        problem = None if is_ip(host) else wildcard_domain_problem(host)
+        if problem is not None:
+            r.error("spec.host", problem)
+            host = None
+    policy = _traffic_policy(r, s.get("trafficPolicy"), "spec.trafficPolicy", port_level=True)
+    subsets: list[_Subset] = []
+    names: set[str] = set()
+    for path, raw in r.items(s, "subsets", "spec"):
+        sm = r.mapping(raw, path, ("name", "labels", "trafficPolicy"))
+        if sm is None:
+            if raw is None:
+                r.error(path, "subset may not be null")
+            continue
+        name = r.string(sm, "name", path, required=True)
+        labels = r.string_map(sm, "labels", path) or {}
+        sub_policy = _traffic_policy(
+            r, sm.get("trafficPolicy"), join_path(path, "trafficPolicy"), port_level=True
+        )
+        if name is None:
+            continue
+        if not is_dns1123_label(name):
+            r.error(join_path(path, "name"), f"subset name is invalid: {name}")
+        if name in names:
+            r.error(join_path(path, "name"), f"duplicate subset names: {name}")
+        names.add(name)
+        subsets.append(_Subset(name, labels_of(labels), sub_policy))
+    if host is None:
+        return None
+    return _DestinationRule(meta, r, resolve_short_name(host, meta.namespace), policy, subsets)
+
+
+@dataclass(slots=True)
+class _MergedRule:
+    """The DestinationRules of one host merged as Istio does."""
+
+    host: str
+    names: list[str]
+    policy: _Policy | None
+    subsets: dict[str, _Subset]
+    health_check: str | None
+    reader: Reader
+
+
+def _merge_rules(rules: Iterable[_DestinationRule]) -> dict[str, _MergedRule]:
+    merged: dict[str, _MergedRule] = {}
+    for dr in rules:
+        check = dr.meta.annotations.get(HEALTH_CHECK_ANNOTATION)
+        existing = merged.get(dr.host)
+        if existing is None:
+            merged[dr.host] = _MergedRule(
+                dr.host, [dr.meta.key], dr.policy, {s.name: s for s in dr.subsets}, check, dr.reader
+            )
+            continue
+        existing.names.append(dr.meta.key)
+        for subset in dr.subsets:
+            if subset.name in existing.subsets:
+                dr.reader.warn(
+                    "spec.subsets",
+                    f"subset {subset.name} of host {dr.host} is "
+                    f"already defined by DestinationRule {existing.names[0]}; Istio "
+                    "keeps the first",
+                )
+            else:
+                existing.subsets[subset.name] = subset
+        if existing.policy is None:
+            existing.policy = dr.policy
+        elif dr.policy is not None:
+            dr.reader.warn(
+                "spec.trafficPolicy",
+                f"host {dr.host} already has a traffic policy "
+                f"from DestinationRule {existing.names[0]}; Istio keeps the first",
+            )
+        existing.health_check = existing.health_check or check
+    return merged
+
+
+def _rule_for(host: str, rules: Mapping[str, _MergedRule]) -> _MergedRule | None:
+    """Exact host first, then the most specific wildcard host that covers it."""
+    exact = rules.get(host)
+    if exact is not None:
+        return exact
+    best: _MergedRule | None = None
+    for pattern, rule in rules.items():
+        covers = pattern.startswith("*") and host_subset_of(host, pattern)
+        if covers and (best is None or len(pattern) > len(best.host)):
+            best = rule
+    return best
+
+
+def _hash_of(policy: _Policy | None, port: int | None) -> HashPolicy | None:
+    """``consistentHash`` of one level (its port-level entry when ``port`` is given)."""
+    if policy is None:
+        return None
+    if port is not None:
+        for number, level in policy.port_level:
+            if number == port:
+                lb = level.lb
+                return lb.consistent_hash.policy if lb and lb.consistent_hash else None
+        return None
+    lb = policy.lb
+    return lb.consistent_hash.policy if lb and lb.consistent_hash else None
+
+
+def _hash_for_destination(dest: Destination, rule: _MergedRule | None) -> tuple[HashPolicy, ...]:
+    """Istio's ``hashForHTTPDestination``: subset port-level > subset > port-level > top."""
+    if rule is None:
+        return ()
+    chosen = _hash_of(rule.policy, None)
+    port_level = _hash_of(rule.policy, dest.port) if dest.port is not None else None
+    subset_hash = subset_port = None
+    subset = rule.subsets.get(dest.subset or "")
+    if subset is not None and dest.subset:
+        subset_hash = _hash_of(subset.policy, None)
+        subset_port = _hash_of(subset.policy, dest.port) if dest.port is not None else None
+    for candidate in (subset_port, subset_hash, port_level):
+        if candidate is not None:
+            chosen = candidate
+            break
+    return (chosen,) if chosen is not None else ()
+
+
+def _effective_policy(rule: _MergedRule | None, subset: str | None, port: int) -> _Policy | None:
+    """Istio's ``MergeSubsetTrafficPolicy`` for one cluster."""
+    if rule is None:
+        return None
+    original = rule.policy.for_port(port)[0] if rule.policy else None
+    sub = rule.subsets.get(subset) if subset else None
+    if sub is None or sub.policy is None:
+        return original
+    sub_policy, has_port_level = sub.policy.for_port(port)
+    if original is None:
+        return sub_policy
+    return _Policy(
+        lb=sub_policy.lb if sub_policy.lb is not None or has_port_level else original.lb,
+        pool=sub_policy.pool if sub_policy.pool is not None or has_port_level else original.pool,
+        outlier=(
+            sub_policy.outlier
+            if sub_policy.outlier is not None or has_port_level
+            else original.outlier
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- ServiceEntry
+
+_RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN")
+
+
+@dataclass(frozen=True, slots=True)
+class _ServicePort:
+    number: int
+    name: str
+    protocol: str
+    target: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _WorkloadEntry:
+    address: str
+    ports: Mapping[str, int]
+    labels: tuple[tuple[str, str], ...]
+    weight: int
+
+
+@dataclass(slots=True)
+class _ServiceEntry:
+    meta: _Meta
+    reader: Reader
+    hosts: list[str]
+    ports: list[_ServicePort]
+    resolution: str
+    endpoints: list[_WorkloadEntry]
+
+
+def _service_entry(r: Reader, meta: _Meta, spec: object) -> _ServiceEntry | None:
+    s = r.mapping(
+        spec,
+        "spec",
+        (
+            "hosts",
+            "addresses",
+            "ports",
+            "location",
+            "resolution",
+            "endpoints",
+            "exportTo",
+            "subjectAltNames",
+            "workloadSelector",
+        ),
+    )
+    if s is None:
+        return None
+    if s.get("workloadSelector") is not None:
+        r.error(
+            "spec.workloadSelector",
+            f"WorkloadEntry selection is {NOT_SUPPORTED}; list the endpoints in spec.endpoints",
+        )
+    hosts: list[str] = []
+    for path, host in r.string_list(s, "hosts", "spec", required=True):
+        if host == "*":
+            r.error(path, "invalid host *")
+            continue
+        problem = wildcard_domain_problem(host)
+        if problem is not None:
+            r.error(path, problem)
+            continue
+        hosts.append(host)
+    r.string_list(s, "addresses", "spec")
+    r.enum(s, "location", "spec", ("MESH_EXTERNAL", "MESH_INTERNAL"))
+    ports: list[_ServicePort] = []
+    for path, raw in r.items(s, "ports", "spec", required=True):
+        pm = r.mapping(raw, path, ("number", "protocol", "name", "targetPort"))
+        if pm is None:
+            continue
+        number = r.port(pm, "number", path, required=True)
+        name = r.string(pm, "name", path, required=True)
+        protocol = (r.string(pm, "protocol", path) or "").upper()
+        target = r.port(pm, "targetPort", path)
+        if number is None or name is None:
+            continue
+        if any(p.name == name for p in ports):
+            r.error(join_path(path, "name"), f"service entry port name {name!r} already defined")
+        if any(p.number == number for p in ports):
+            r.error(join_path(path, "number"), f"service entry port {number} already defined")
+        ports.append(_ServicePort(number, name, protocol, target))
+    resolution = r.enum(s, "resolution", "spec", _RESOLUTIONS) or "NONE"
+    if s.get("resolution") is None:
+        r.error(
+            "spec.resolution",
+            "NONE (the default) means original-destination passthrough, "
+            f"which is {NOT_SUPPORTED}; use STATIC with endpoints, or DNS",
+        )
+    elif resolution in ("NONE", "DNS_ROUND_ROBIN"):
+        r.error("spec.resolution", f"{resolution} is {NOT_SUPPORTED}; use STATIC or DNS")
+    endpoints: list[_WorkloadEntry] = []
+    port_names = {p.name for p in ports}
+    for path, raw in r.items(s, "endpoints", "spec"):
+        ep = _workload_entry(r, path, raw, resolution, port_names)
+        if ep is not None:
+            endpoints.append(ep)
+    if resolution == "DNS" and not s.get("endpoints"):
+        for path, host in r.string_list(s, "hosts", "spec"):
+            if fqdn_problem(host) is not None and wildcard_domain_problem(host) is None:
+                r.error(
+                    path, "hosts must be FQDN if no endpoints are provided for resolution mode DNS"
+                )
+    if resolution == "STATIC" and not s.get("endpoints"):
+        r.warn("spec.endpoints", "STATIC resolution without endpoints: the service has no backends")
+    return _ServiceEntry(meta, r, hosts, ports, resolution, endpoints)
+
+
+def _workload_entry(
+    r: Reader, path: str, raw: object, resolution: str, port_names: set[str]
+) -> _WorkloadEntry | None:
+    m = r.mapping(
+        raw, path, ("address", "ports", "labels", "weight", "network", "locality", "serviceAccount")
+    )
+    if m is None:
+        if raw is None:
+            r.error(path, "endpoint cannot be nil")
+        return None
+    address = r.string(m, "address", path, required=True)
+    ports_raw = m.get("ports")
+    ports: dict[str, int] = {}
+    if ports_raw is not None:
+        ppath = join_path(path, "ports")
+        if not isinstance(ports_raw, dict):
+            r.error(ppath, f"expected an object of port numbers, got {type_name(ports_raw)}")
+        else:
+            for name in ports_raw:
+                number = r.port(ports_raw, name, ppath, required=True)
+                if str(name) not in port_names:
+                    hint = did_you_mean(str(name), port_names)
+                    r.error(
+                        join_path(ppath, str(name)),
+                        f"endpoint port {number} is not defined by the service entry "
+                        f"(port names: {', '.join(sorted(port_names)) or 'none'}){hint}",
+                    )
+                elif number is not None:
+                    ports[str(name)] = number
+    labels = r.string_map(m, "labels", path) or {}
+    weight = r.integer(m, "weight", path, minimum=0, maximum=UINT32_MAX) or 0
+    if address is None:
+        return None
+    if address.startswith("unix://"):
+        r.error(join_path(path, "address"), f"unix domain socket endpoints are {NOT_SUPPORTED}")
+        return None
+    if resolution == "STATIC" and not is_ip(address):
+        r.error(
+            join_path(path, "address"),
+            f"endpoint address {address!r} is not a valid IP "
+            "address (STATIC resolution; use DNS resolution for names)",
+        )
+        return None
+    if resolution == "DNS" and not is_ip(address) and fqdn_problem(address) is not None:
+        r.error(
+            join_path(path, "address"),
+            f"endpoint address {address!r} is not a valid FQDN or an IP address",
+        )
+        return None
+    # Envoy's load balancing weight must be >= 1; Istio turns 0 (unset) into 1.
+    return _WorkloadEntry(address, MappingProxyType(ports), labels_of(labels), weight or 1)
