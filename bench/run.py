@@ -902,6 +902,42 @@ def table(
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- side scenarios
+# One scenario's measurement of one running row: (what the log line names, a result) pairs,
+# yielded one at a time so each is kept and logged before the next one can fail.
+Measure = Callable[[Row, list[int]], Iterator[tuple[str, dict[str, Any]]]]
+
+
+def each_row(
+    b: Bench, rows: list[Row], tag: str, warm: int, measure: Measure
+) -> list[dict[str, Any]]:
+    """One turn per proxy row for a side scenario (--idle, --big), results in row order.
+
+    As in the load rounds, each proxy is started fresh and alone, and this process (the client
+    here) is pinned to the load CPUs like wrk. ``warm`` requests go first so the baseline is
+    taken on a proxy that has served, then ``measure`` runs on the proxy's process tree. A row
+    that failed the load rounds is left out; one that fails here gets an error entry and the
+    scenario goes on with the next row.
+    """
+    found: list[dict[str, Any]] = []
+    for row in rows:
+        argv, _ = row_argv(b, row)
+        if argv is None or row.name in b.failed:
+            continue
+        try:
+            with running(b, row, argv) as proc, pinned(b.args.load_cpus):
+                assert proc is not None
+                for i in range(warm):
+                    http_get(row.port, f"warm{i}")
+                for label, r in measure(row, tree(proc.pid)):
+                    found.append(r)
+                    log(f"[{tag}] {label}: {r}")
+        except ROW_FAILURES as exc:
+            found.append({"row": row.name, "error": str(exc)})
+            log(f"[{tag}] {row.name}: {exc}")
+    return found
+
+
 # --------------------------------------------------------------------------- --idle
 async def _idle_connections(
     port: int, count: int, sample: Callable[[], dict[str, Any]]
@@ -954,36 +990,24 @@ async def _idle_connections(
 
 def idle_phase(b: Bench, rows: list[Row]) -> list[dict[str, Any]]:
     count = b.args.idle
-    found: list[dict[str, Any]] = []
-    for row in rows:
-        argv, _ = row_argv(b, row)
-        if argv is None or row.name in b.failed:
-            continue
-        try:
-            with running(b, row, argv) as proc, pinned(b.args.load_cpus):
-                assert proc is not None
-                for i in range(200):
-                    http_get(row.port, f"warm{i}")
-                pids = tree(proc.pid)
-                base = tree_kb(pids, "VmRSS") / 1024
-                base_pss = tree_pss_kb(pids) / 1024
 
-                def sample(pids: list[int] = pids) -> dict[str, Any]:
-                    return {
-                        "rss_mb": round(tree_kb(pids, "VmRSS") / 1024, 1),
-                        "pss_mb": round(tree_pss_kb(pids) / 1024, 1),
-                    }
+    def measure(row: Row, pids: list[int]) -> Iterator[tuple[str, dict[str, Any]]]:
+        base = tree_kb(pids, "VmRSS") / 1024
+        base_pss = tree_pss_kb(pids) / 1024
 
-                r = asyncio.run(_idle_connections(row.port, count, sample))
-                r.update(row=row.name, connections=count, baseline_mb=round(base, 1))
-                r["baseline_pss_mb"] = round(base_pss, 1)
-                r["kb_per_conn"] = round((r["rss_mb"] - base) * 1024 / max(r["opened"], 1), 2)
-                found.append(r)
-                log(f"[idle] {row.name}: {r}")
-        except ROW_FAILURES as exc:
-            found.append({"row": row.name, "error": str(exc)})
-            log(f"[idle] {row.name}: {exc}")
-    return found
+        def sample() -> dict[str, Any]:
+            return {
+                "rss_mb": round(tree_kb(pids, "VmRSS") / 1024, 1),
+                "pss_mb": round(tree_pss_kb(pids) / 1024, 1),
+            }
+
+        r = asyncio.run(_idle_connections(row.port, count, sample))
+        r.update(row=row.name, connections=count, baseline_mb=round(base, 1))
+        r["baseline_pss_mb"] = round(base_pss, 1)
+        r["kb_per_conn"] = round((r["rss_mb"] - base) * 1024 / max(r["opened"], 1), 2)
+        yield row.name, r
+
+    return each_row(b, rows, "idle", 200, measure)
 
 
 @contextlib.contextmanager
@@ -1133,27 +1157,15 @@ def big_phase(b: Bench, rows: list[Row], payload: bytes) -> list[dict[str, Any]]
         ("upload", lambda port: big_upload(port, payload, slow=False)),
         ("upload, slow upstream", lambda port: big_upload(port, payload, slow=True)),
     ]
-    found: list[dict[str, Any]] = []
-    for row in rows:
-        argv, _ = row_argv(b, row)
-        if argv is None or row.name in b.failed:
-            continue
-        try:
-            with running(b, row, argv) as proc, pinned(b.args.load_cpus):
-                assert proc is not None
-                for i in range(50):
-                    http_get(row.port, f"warm{i}")
-                pids = tree(proc.pid)
-                for leg, fn in legs:
-                    for attempt in range(2):
-                        r = {"row": row.name, "leg": leg, "attempt": attempt}
-                        r.update(big_leg(pids, row.port, fn))
-                        found.append(r)
-                        log(f"[big] {row.name} {leg} #{attempt}: {r}")
-        except ROW_FAILURES as exc:
-            found.append({"row": row.name, "error": str(exc)})
-            log(f"[big] {row.name}: {exc}")
-    return found
+
+    def measure(row: Row, pids: list[int]) -> Iterator[tuple[str, dict[str, Any]]]:
+        for leg, fn in legs:
+            for attempt in range(2):
+                r = {"row": row.name, "leg": leg, "attempt": attempt}
+                r.update(big_leg(pids, row.port, fn))
+                yield f"{row.name} {leg} #{attempt}", r
+
+    return each_row(b, rows, "big", 50, measure)
 
 
 def idle_table(idle: list[dict[str, Any]]) -> str:

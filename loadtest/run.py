@@ -24,7 +24,7 @@ talk through three files in a temporary directory:
 
 The last line printed is ``sticky: users=N sessions=S violations=V rehomed=R pods=P
 max/mean=X.XX``.  Exit status: 0 when no request broke stickiness (sessions moved off a killed
-pod are not violations; see the rules in ``locustfile.py``), 1 on violations or when no session
+pod are not violations; see the rules in ``stickiness.py``), 1 on violations or when no session
 was served at all, 2 when the run itself failed (bad arguments, locust crashed).
 """
 
