@@ -3,10 +3,11 @@
 #   docker run --rm -p 8080:80 -v "$PWD/my-istio-yaml:/etc/sticky-proxy:ro" sticky-proxy
 # The same image runs the demo pods: --entrypoint python sticky-proxy -m proxy.demo --port 8080
 
-# Stage 1: build the wheels (the compilers and headers stay in this stage).
-FROM python:3.11-slim AS build
+# Stage 1: build the wheels; mypyc compiles the request path to C here (setup.py), so this
+# stage uses the full image, which has gcc and the headers. They stay in this stage.
+FROM python:3.11 AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy/ proxy/
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -76,7 +76,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol, runtime_checkable
+from typing import Final, Protocol
 
 import mmh3
 import xxhash
@@ -217,7 +217,6 @@ class BalancerStats:
     max_entries_per_host: int
 
 
-@runtime_checkable
 class Balancer(Protocol):
     """What a consistent-hash balancer offers the cluster and the admin pages."""
 

@@ -89,15 +89,6 @@ ISTIO_LABELS: Final = (
 UNKNOWN: Final = "unknown"
 
 
-def _exchange_counts_retries() -> bool:
-    from proxy.http1 import Exchange
-
-    return "retries" in Exchange.__slots__
-
-
-# Retries are read from ``Exchange.retries`` when the data plane counts them (connect failures
-# and retries after a response); otherwise the dispatcher counts its connect retries itself.
-RETRIES_ON_EXCHANGE: Final = _exchange_counts_retries()
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 # ``*_created`` series double the output and no Istio dashboard reads them.
@@ -257,8 +248,10 @@ def aggregate(path: str) -> bytes:
     return generate_latest(registry)
 
 
-_DURATION_BOUNDS: Final = (*DURATION_BUCKETS_MS, math.inf)
-_BYTES_BOUNDS: Final = (*BYTES_BUCKETS, math.inf)
+# Variable-length tuple types on purpose: compiled (setup.py), a fixed-length tuple is an
+# unboxed C struct that would be boxed again, element by element, for every bisect call.
+_DURATION_BOUNDS: Final[tuple[float, ...]] = (*DURATION_BUCKETS_MS, math.inf)
+_BYTES_BOUNDS: Final[tuple[float, ...]] = (*BYTES_BUCKETS, math.inf)
 
 
 def _add_to_histogram(child: Histogram, counts: list[int], total: float) -> None:
@@ -389,8 +382,8 @@ class ClusterStats:
         t.resp_sum += size
         if ex.upstream is not None:
             t.up += 1
-        if RETRIES_ON_EXCHANGE and ex.retries:  # type: ignore[attr-defined, unused-ignore]
-            self.retried += ex.retries  # type: ignore[attr-defined, unused-ignore]
+        if ex.retries:
+            self.retried += ex.retries
 
     def flush(self) -> None:
         for tally in list(self._by_result.values()):

@@ -351,7 +351,9 @@ class UpstreamConnection(asyncio.Protocol):
             if rest and self._sink is not None:
                 self._sink.tunnel(rest)
         except httptools.HttpParserError as exc:
-            cause = exc.__context__
+            # Only a callback error carries our exception; on any other error __context__ is
+            # whatever exception happened to be handled around feed_data (none, interpreted).
+            cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
             if cause is not None and not isinstance(cause, _Unexpected):
                 # Raised by the sink's code inside a callback: a bug, not the upstream's fault.
                 logger.error("error relaying a response from %s", self.pool.key, exc_info=cause)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -33,6 +34,21 @@ from proxy.http1 import (
 from proxy.upstream import UpstreamPool
 
 HOST = "127.0.0.1"
+PROXY_DIR = Path(__file__).resolve().parent.parent / "proxy"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to test stale extensions: an edited module must be compiled again first."""
+    stale = [
+        so.name.split(".")[0] + ".py"
+        for so in PROXY_DIR.glob("*.so")
+        if (PROXY_DIR / (so.name.split(".")[0] + ".py")).stat().st_mtime > so.stat().st_mtime
+    ]
+    if stale:
+        raise pytest.UsageError(
+            f"proxy/{', proxy/'.join(sorted(stale))} changed after it was compiled: "
+            "run `make unit` (it compiles again), or `STICKY_PROXY_PURE=1 make unit`"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,10 +9,11 @@ import pytest
 from proxy_process import article_yaml, sample_sum
 
 from proxy.demo import PodSet
+from proxy.dispatch import Dispatcher
 from proxy.http1 import Exchange
 from proxy.istio import load_text
 from proxy.metrics import Metrics, service_labels
-from proxy.server import Dispatcher, Proxy, RunOptions
+from proxy.server import Proxy, RunOptions
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,0 +1,227 @@
+"""The request path's decision: route, hash, pick an endpoint; count and log the exchange.
+
+``proxy.http1`` calls ``Dispatcher.dispatch`` once per request head and ``finished`` once per
+exchange. ``dispatch`` reads ``proxy.runtime`` once (a reload swaps that one reference, so a
+request never sees half of two configs), routes on Host, method and target, computes the
+session hash from the route's affinity (cookie, header, query or source IP; a missing cookie is
+invented and returned as a Set-Cookie line), picks the endpoint on the cluster's current ring or
+Maglev table and returns a ``Forward`` carrying everything the connection needs, retries and
+timeouts included. Everything that does not depend on the request (header edits, retry plans,
+the route itself for requests whose route depends only on Host, method and target) is computed
+once and remembered, so the common request costs a few dict lookups and one hash.
+
+This module is compiled with mypyc (setup.py), like the rest of the request path; the control
+plane that builds what it reads (``proxy.server``) stays interpreted.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from proxy.cluster import Balancer, next_distinct
+from proxy.http1 import Exchange, Forward, LocalReply, retry_plan
+from proxy.routing import RouteDecision
+from proxy.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from proxy.metrics import ClusterStats
+    from proxy.server import Proxy, Runtime
+
+# Envoy's local replies (DESIGN §7); bodies are Envoy's text so Istio users recognise them.
+NO_ROUTE = LocalReply(404)
+NO_HEALTHY_UPSTREAM = LocalReply(503, b"no healthy upstream")
+NO_CLUSTER = LocalReply(503, b"no healthy upstream")
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def _query_params(target: str) -> dict[str, str]:
+    """First occurrence of each query parameter, raw (Istio's queryParams match)."""
+    found: dict[str, str] = {}
+    start = target.find("?")
+    if start >= 0:
+        for pair in target[start + 1 :].split("&"):
+            name, _, value = pair.partition("=")
+            found.setdefault(name, value)
+    return found
+
+
+def _headers_map(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for name, value in headers:
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        result[key] = f"{result[key]},{text}" if key in result else text
+    return result
+
+
+class _NextPool:
+    """After a connect failure (nothing was sent): the next distinct endpoint on the ring."""
+
+    __slots__ = ("balancer", "first", "hash", "keyed", "pools", "stats")
+
+    def __init__(
+        self,
+        pools: Mapping[str, UpstreamPool],
+        balancer: Balancer,
+        hash_: int,
+        first: str,
+        stats: ClusterStats | None,
+        keyed: bool,
+    ) -> None:
+        self.pools = pools
+        self.balancer = balancer
+        self.hash = hash_
+        self.first = first
+        self.stats = stats
+        self.keyed = keyed  # the hash came from a session key (not a random pick)
+
+    def __call__(self, attempt: int) -> UpstreamPool | None:
+        stats = self.stats
+        if stats is not None and attempt == 1 and self.keyed:
+            stats.rehomed.inc()
+        return self.pools.get(next_distinct(self.balancer, self.hash, self.first, attempt))
+
+
+class _Prepared:
+    """What a route decision means for the request path, computed once per distinct decision."""
+
+    __slots__ = (
+        "affinity",
+        "authority",
+        "cluster",
+        "plan",
+        "reply",
+        "request_headers",
+        "response_headers",
+        "target",
+        "timeout",
+    )
+
+    def __init__(self, decision: RouteDecision) -> None:
+        self.reply = decision.local_reply
+        self.cluster = decision.cluster or ""
+        # Istio puts the hash policy on the route (a weighted split folds every destination's
+        # policy into one key), so the route's affinity decides, not the cluster's.
+        self.affinity = decision.action.affinity
+        self.target = decision.path.encode("latin-1") if decision.rewrites_path else None
+        self.authority = decision.authority
+        self.request_headers = decision.request_headers
+        self.response_headers = decision.response_headers
+        self.timeout = decision.timeout
+        self.plan = retry_plan(decision.retries)
+
+
+# Distinct (Host, method, target) triples remembered per listener before the cache starts over.
+ROUTE_CACHE_SIZE = 4096
+
+
+class Dispatcher:
+    """``proxy.http1.Dispatcher`` for one listener port: route, hash, pick; count and log.
+
+    Routing a request whose route depends only on Host, method and target (no header or query
+    conditions, no weighted split) gives the same answer every time for the same runtime, so
+    those answers are remembered: the common request pays one dict lookup instead of decoding
+    the head and walking the route table.
+    """
+
+    __slots__ = ("_cache", "_cached_for", "pending", "port", "proxy")
+
+    def __init__(self, proxy: Proxy, port: int) -> None:
+        self.proxy = proxy
+        self.port = port
+        # Exchange -> the stats of the cluster it was sent to (Exchange has no slot for it).
+        self.pending: dict[Exchange, ClusterStats] = {}
+        self._cache: dict[tuple[bytes | None, bytes, bytes], _Prepared] = {}
+        self._cached_for: Runtime | None = None
+
+    def _route(self, runtime: Runtime, ex: Exchange) -> _Prepared | None:
+        router = runtime.routers.get(self.port)
+        if router is None:
+            return None
+        cacheable = not (router.needs_headers or router.needs_query)
+        key = (ex.authority, ex.method, ex.target)
+        if cacheable:
+            if runtime is not self._cached_for:
+                self._cache.clear()
+                self._cached_for = runtime
+            found = self._cache.get(key)
+            if found is not None:
+                return found
+        target = ex.target.decode("latin-1")
+        headers = _headers_map(ex.headers) if router.needs_headers else _EMPTY
+        params = _query_params(target) if router.needs_query else _EMPTY
+        authority = ex.authority.decode("latin-1") if ex.authority else ""
+        decision = router.match(authority, target, ex.method.decode("latin-1"), headers, params)
+        if decision is None:
+            return None
+        prepared = _Prepared(decision)
+        if cacheable and decision.deterministic:
+            if len(self._cache) >= ROUTE_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key] = prepared
+        return prepared
+
+    def dispatch(self, ex: Exchange) -> Forward | LocalReply:
+        runtime = self.proxy.runtime
+        route = self._route(runtime, ex)
+        if route is None:
+            ex.flags = "NR"
+            return NO_ROUTE
+        if route.reply is not None:
+            return route.reply
+        crt = runtime.clusters.get(route.cluster)
+        if crt is None:
+            ex.flags = "NC"
+            return NO_CLUSTER
+        stats = crt.stats
+        if stats is not None:
+            stats.active += 1
+            self.pending[ex] = stats
+        snap = crt.cluster.snapshot
+        balancer = snap.balancer
+        if balancer is None:
+            ex.flags = "UH"
+            return NO_HEALTHY_UPSTREAM
+        set_cookie = None
+        hash_: int | None = None
+        affinity = route.affinity
+        if affinity is not None:
+            hash_, generated = affinity.compute(ex.headers, ex.target, ex.peer, ex.sock)
+            if generated is not None:
+                set_cookie = affinity.set_cookie_header(generated)
+                if stats is not None:
+                    stats.cookies += 1
+        keyed = hash_ is not None
+        if hash_ is None:
+            hash_ = random.getrandbits(64)
+        key = balancer.pick(hash_)
+        plan = route.plan
+        return Forward(
+            snap.pools[key],
+            target=route.target,
+            authority=route.authority,
+            request_headers=route.request_headers,
+            response_headers=route.response_headers,
+            set_cookie=set_cookie,
+            timeout=route.timeout,
+            next_pool=_NextPool(snap.pools, balancer, hash_, key, stats, keyed),
+            connect_retries=plan.connect_retries(len(balancer.hosts)) if plan is not None else 0,
+            retry=plan,
+        )
+
+    def finished(self, ex: Exchange) -> None:
+        proxy = self.proxy
+        metrics = proxy.metrics
+        if metrics is not None:
+            stats = self.pending.pop(ex, None)
+            if stats is None:
+                stats = metrics.unknown  # rejected by http1, no route, local reply
+            else:
+                stats.active -= 1
+            stats.record(ex)
+        access_log = proxy.access_log
+        if access_log is not None:
+            access_log.log(ex)
