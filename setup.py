@@ -23,6 +23,7 @@ COMPILED = [
     "proxy/upstream.py",
     "proxy/dispatch.py",
     "proxy/affinity.py",
+    "proxy/hashing.py",
     "proxy/metrics.py",
 ]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from proxy.cluster import Balancer, next_distinct
 from proxy.http1 import Exchange, Forward, LocalReply, retry_plan
@@ -127,13 +127,11 @@ class Dispatcher:
     the head and walking the route table.
     """
 
-    __slots__ = ("_cache", "_cached_for", "pending", "port", "proxy")
+    __slots__ = ("_cache", "_cached_for", "port", "proxy")
 
     def __init__(self, proxy: Proxy, port: int) -> None:
         self.proxy = proxy
         self.port = port
-        # Exchange -> the stats of the cluster it was sent to (Exchange has no slot for it).
-        self.pending: dict[Exchange, ClusterStats] = {}
         self._cache: dict[tuple[bytes | None, bytes, bytes], _Prepared] = {}
         self._cached_for: Runtime | None = None
 
@@ -179,7 +177,7 @@ class Dispatcher:
         stats = crt.stats
         if stats is not None:
             stats.active += 1
-            self.pending[ex] = stats
+            ex.tag = stats
         snap = crt.cluster.snapshot
         balancer = snap.balancer
         if balancer is None:
@@ -216,7 +214,7 @@ class Dispatcher:
         proxy = self.proxy
         metrics = proxy.metrics
         if metrics is not None:
-            stats = self.pending.pop(ex, None)
+            stats = cast("ClusterStats | None", ex.tag)
             if stats is None:
                 stats = metrics.unknown  # rejected by http1, no route, local reply
             else:

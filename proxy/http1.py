@@ -513,6 +513,7 @@ class Exchange:
         "sock",
         "start",
         "status",
+        "tag",
         "target",
         "upstream",
         "version",
@@ -535,6 +536,7 @@ class Exchange:
         self.upstream: str | None = None
         self.request_id = b""
         self.retries = 0
+        self.tag: object = None  # the dispatcher's own per-exchange state (http1 ignores it)
         # http1-private request state (lives here so a queued request carries it along)
         self._keep_alive = True
         self._upgrade: bytes | None = None  # Upgrade header value of an upgrade request

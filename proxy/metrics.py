@@ -27,7 +27,7 @@ lookup hashes a tuple of strings: a request touching six values that way pays ~3
 request path never calls prometheus-client. A :class:`ClusterStats` is built with each
 cluster's runtime (and rebuilt only when its spec changes on reload); per (status, response
 flags) it keeps a ``_Tally`` of plain numbers (request count, upstream count, and for the three
-histograms a count per bucket plus the sum). A request pays one dict lookup, three bisections
+histograms a count per bucket plus the sum). A request pays one dict lookup, three bucket scans
 and a few attribute increments (~0.7 us); :meth:`Metrics.flush` moves the tallies into the label
 children they were built with, right before each scrape (one process), every second (workers),
 and at shutdown. Figures that only matter at scrape time (membership, active connections) are
@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from bisect import bisect_left
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
@@ -249,9 +248,21 @@ def aggregate(path: str) -> bytes:
 
 
 # Variable-length tuple types on purpose: compiled (setup.py), a fixed-length tuple is an
-# unboxed C struct that would be boxed again, element by element, for every bisect call.
+# unboxed C struct that would be boxed again, element by element, on every use.
 _DURATION_BOUNDS: Final[tuple[float, ...]] = (*DURATION_BUCKETS_MS, math.inf)
 _BYTES_BOUNDS: Final[tuple[float, ...]] = (*BYTES_BUCKETS, math.inf)
+
+
+def _bucket(bounds: tuple[float, ...], value: float) -> int:
+    """``bisect_left(bounds, value)`` by a scan from the smallest bound: the values recorded
+    (milliseconds, bytes) nearly always fall in the first few buckets, and compiled this is a
+    few float compares where bisect compares Python objects."""
+    i = 0
+    for bound in bounds:
+        if value <= bound:
+            return i
+        i += 1
+    return i
 
 
 def _add_to_histogram(child: Histogram, counts: list[int], total: float) -> None:
@@ -314,7 +325,7 @@ class ClusterStats:
     """The metric children of one cluster (or of requests that reached none), cached.
 
     ``record`` is the request path, called from ``Dispatcher.finished`` for every exchange: it
-    adds to plain numbers in a ``_Tally`` (a few attribute increments and three bisections, no
+    adds to plain numbers in a ``_Tally`` (a few attribute increments and three bucket scans, no
     lock); :meth:`flush` moves them into the prometheus-client children, at scrape time (one
     process) or every second (workers). ``active`` (requests in flight) and ``cookies`` are
     plain ints too.
@@ -323,6 +334,7 @@ class ClusterStats:
     __slots__ = (
         "_base",
         "_by_result",
+        "_by_status",
         "_cookies_child",
         "_metrics",
         "active",
@@ -338,6 +350,8 @@ class ClusterStats:
         self._base = (*metrics.source, *service_labels(spec), "http")
         self.name = spec.name if spec is not None else UNKNOWN
         self._by_result: dict[tuple[int, str], _Tally] = {}
+        # The same tallies for flags "-" (nearly every request) by status alone: no key tuple.
+        self._by_status: dict[int, _Tally] = {}
         self.active = 0
         self.cookies = 0
         self.retried = 0  # attempts after the first, from Exchange.retries
@@ -366,19 +380,23 @@ class ClusterStats:
         return tally
 
     def record(self, ex: Exchange) -> None:
-        key = (ex.status, ex.flags)
-        t = self._by_result.get(key)
-        if t is None:
-            t = self._tally(key)
+        status = ex.status
+        if ex.flags == "-":
+            t = self._by_status.get(status)
+            if t is None:
+                t = self._by_status[status] = self._tally((status, "-"))
+        else:
+            key = (status, ex.flags)
+            t = self._by_result.get(key) or self._tally(key)
         t.n += 1
         ms = (ex.end - ex.start) * 1000.0
-        t.dur[bisect_left(_DURATION_BOUNDS, ms)] += 1
+        t.dur[_bucket(_DURATION_BOUNDS, ms)] += 1
         t.dur_sum += ms
         size = ex.bytes_received
-        t.req[bisect_left(_BYTES_BOUNDS, size)] += 1
+        t.req[_bucket(_BYTES_BOUNDS, size)] += 1
         t.req_sum += size
         size = ex.bytes_sent
-        t.resp[bisect_left(_BYTES_BOUNDS, size)] += 1
+        t.resp[_bucket(_BYTES_BOUNDS, size)] += 1
         t.resp_sum += size
         if ex.upstream is not None:
             t.up += 1

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from proxy_process import article_yaml, sample_sum
 
 from proxy.demo import PodSet
 from proxy.dispatch import Dispatcher
 from proxy.http1 import Exchange
 from proxy.istio import load_text
-from proxy.metrics import Metrics, service_labels
+from proxy.metrics import _BYTES_BOUNDS, _DURATION_BOUNDS, Metrics, _bucket, service_labels
 from proxy.server import Proxy, RunOptions
 
 pytestmark = pytest.mark.timeout(60)
@@ -158,3 +161,9 @@ def test_workers_other_than_0_do_not_count_control_plane_events() -> None:
     text = loud.exposition().decode()
     assert sample_sum(text, "sticky_config_reloads_total", result="success") == 1
     assert sample_sum(text, "sticky_config_reloads_total", result="failure") == 1
+
+
+@given(st.floats(min_value=0, max_value=1e10) | st.sampled_from(_DURATION_BOUNDS + _BYTES_BOUNDS))
+def test_bucket_scan_is_bisect_left(value: float) -> None:
+    for bounds in (_DURATION_BOUNDS, _BYTES_BOUNDS):
+        assert _bucket(bounds, value) == bisect_left(bounds, value)
