@@ -1340,7 +1340,11 @@ class HttpConnection(asyncio.Protocol):
         parts = [_STATUS_LINES.get(status) or _status_line(status)]
         for name, value in headers:
             if name not in drop:
-                parts += (name, b": ", value, _CRLF)
+                # Four appends, not parts += (...): compiled, that builds a tuple per header.
+                parts.append(name)
+                parts.append(b": ")
+                parts.append(value)
+                parts.append(_CRLF)
         if upgraded:
             self._mode = _M_NONE
             parts.append(_UPGRADE_LINE)
@@ -1694,7 +1698,9 @@ class HttpConnection(asyncio.Protocol):
         edited = edit.drop if edit is not None else _NOTHING
         parts = [ex.method, b" ", target, b" HTTP/1.1\r\n"]
         if b"host" not in edited:
-            parts += (b"host: ", authority, _CRLF)
+            parts.append(b"host: ")
+            parts.append(authority)
+            parts.append(_CRLF)
         drop = self._request_drop
         if ex._conn_tokens:
             drop = drop | ex._conn_tokens
@@ -1702,7 +1708,10 @@ class HttpConnection(asyncio.Protocol):
             drop = drop | edited
         for name, value in ex.headers:
             if name not in drop:
-                parts += (name, b": ", value, _CRLF)
+                parts.append(name)
+                parts.append(b": ")
+                parts.append(value)
+                parts.append(_CRLF)
         if self._xff:
             if b"x-forwarded-for" not in edited:
                 xff = self._peer_ip if ex._xff is None else ex._xff + b", " + self._peer_ip
@@ -1710,7 +1719,9 @@ class HttpConnection(asyncio.Protocol):
             if b"x-forwarded-proto" not in edited:
                 parts.append(self._proto_line)
         if b"x-request-id" not in edited:
-            parts += (b"x-request-id: ", ex.request_id, _CRLF)
+            parts.append(b"x-request-id: ")
+            parts.append(ex.request_id)
+            parts.append(_CRLF)
         if ex._upgrade is not None:
             parts += (b"upgrade: ", ex._upgrade, _CRLF, _UPGRADE_LINE)
         elif ex._chunked:

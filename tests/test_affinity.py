@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.affinity import (
     Affinity,
@@ -14,6 +16,7 @@ from proxy.affinity import (
     SourceIPPolicy,
     format_address,
     generated_cookie_value,
+    parse_cookie,
     set_cookie_value,
 )
 
@@ -349,3 +352,35 @@ def test_generated_cookie_is_per_connection_even_when_remembered() -> None:
         assert value == expected and hash_ == xxhash.xxh64_intdigest(expected.encode())
         seen[port] = value
     assert seen[54321] == "d5bede35465dd05f" and seen[54322] != seen[54321]
+
+
+def _parse_cookie_by_pieces(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
+    """Envoy's parseCookie written the way Envoy does it (split on ";"): the reference."""
+    for header, raw in headers:
+        if header != b"cookie":
+            continue
+        for piece in raw.strip(b" \t").split(b";"):
+            equals = piece.find(b"=")
+            if equals < 0:
+                continue
+            start = len(piece) - len(piece.lstrip(b" "))
+            if piece[start:equals] != name:
+                continue
+            value = piece[equals + 1 :]
+            if len(value) >= 2 and value[:1] == b'"' and value[-1:] == b'"':
+                value = value[1:-1]
+            return value
+    return b""
+
+
+_COOKIE_BYTES = st.text(alphabet=' \t;="aIb', max_size=24).map(str.encode)
+
+
+@settings(max_examples=3000)
+@given(
+    lines=st.lists(_COOKIE_BYTES, max_size=3),
+    name=st.sampled_from([b"I", b"aI", b"I=", b"a;I", b"", b"II"]),
+)
+def test_parse_cookie_matches_the_split_reference(lines: list[bytes], name: bytes) -> None:
+    headers = [(b"host", b"I=x")] + [(b"cookie", line) for line in lines]
+    assert parse_cookie(headers, name) == _parse_cookie_by_pieces(headers, name)
