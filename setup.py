@@ -19,11 +19,13 @@ from setuptools import setup
 
 # The modules every request runs through (and what they import on that path).
 COMPILED = [
+    "proxy/exchange.py",
     "proxy/http1.py",
     "proxy/upstream.py",
     "proxy/dispatch.py",
     "proxy/affinity.py",
     "proxy/hashing.py",
+    "proxy/retry.py",
     "proxy/metrics.py",
 ]
 

@@ -22,7 +22,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, cast
 
 from proxy.cluster import Balancer, next_distinct
-from proxy.http1 import Exchange, Forward, LocalReply, retry_plan
+from proxy.http1 import Exchange, Forward, LocalReply
+from proxy.retry import retry_plan
 from proxy.routing import RouteDecision
 from proxy.upstream import UpstreamPool
 

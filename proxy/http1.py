@@ -99,18 +99,25 @@ import collections
 import functools
 import logging
 import os
-import random
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Final, Protocol, cast
+from typing import Final, cast
 
 import httptools
 
-from proxy.config import RetryPolicy
+from proxy.exchange import (
+    HOP_BY_HOP,
+    Dispatcher,
+    Exchange,
+    Forward,
+    HeaderEdit,
+    LocalReply,
+    ServerSettings,
+)
+from proxy.retry import RetryPlan
 from proxy.upstream import (
     OPEN,
     PROTOCOL_ERROR,
@@ -128,10 +135,8 @@ __all__ = [
     "HeaderEdit",
     "HttpConnection",
     "LocalReply",
-    "RetryPlan",
     "ServerSettings",
     "UpstreamPool",
-    "retry_plan",
     "serve",
 ]
 
@@ -164,25 +169,12 @@ def _status_line(status: int) -> bytes:
     return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
 
 
-# RFC 9110 §7.6.1 plus the legacy ones every proxy strips.
-HOP_BY_HOP: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 # Request headers we re-emit ourselves (framing, Host, forwarding headers).
 _REQUEST_OWN: Final = frozenset({b"host", b"content-length", b"x-request-id"})
 _FORWARDING: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
 _RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
 _UPGRADE_KEEP: Final = frozenset({b"upgrade"})
 _NOTHING: Final[frozenset[bytes]] = frozenset()
-_NOT_EDITABLE: Final = HOP_BY_HOP | {b"content-length"}
 
 # Request headers looked at while parsing (everything else is only copied).
 _H_HOST, _H_CL, _H_TE, _H_CONN, _H_XFF, _H_RID, _H_UPGRADE = range(7)
@@ -216,360 +208,6 @@ _P_DONE: Final = 16  # nothing more will be read (error, closing)
 _M_NONE, _M_RAW, _M_CHUNKED = 0, 1, 2
 
 _BUFFER_LIMIT: Final = 64 * 1024  # body bytes held for a request not yet attached upstream
-
-
-# --------------------------------------------------------------------------- public types
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
-    """Listener settings (defaults are Envoy's where Envoy has one)."""
-
-    max_header_bytes: int = 60 * 1024
-    header_timeout: float = 60.0  # a client slower than this sending a head gets 408
-    idle_timeout: float = 3600.0  # keep-alive connection with no request in flight
-    max_pipeline: int = 32  # queued pipelined requests before we stop parsing and close after
-    xff: bool = True  # append the peer to x-forwarded-for, set x-forwarded-proto
-    proto: str = "http"  # value of x-forwarded-proto
-    server_name: str = "sticky-proxy"  # `server` header of local replies
-
-    def __post_init__(self) -> None:
-        if self.max_header_bytes < 1024:
-            raise ValueError("max_header_bytes must be at least 1024")
-        if self.header_timeout <= 0 or self.idle_timeout <= 0:
-            raise ValueError("timeouts must be > 0")
-        if self.max_pipeline < 1:
-            raise ValueError("max_pipeline must be >= 1")
-
-
-def _check_header(name: bytes, value: bytes) -> None:
-    if not name or name != name.lower() or any(c in name for c in b" \t\r\n:"):
-        raise ValueError(f"header name must be a lower-case token: {name!r}")
-    if any(c in value for c in b"\r\n\x00"):
-        raise ValueError(f"header value contains CR, LF or NUL: {value!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderEdit:
-    """Header changes for one route, applied as: remove, then set (replace), then add.
-
-    Built once per route by the control plane; ``drop`` and ``lines`` are precomputed so that
-    applying an edit costs one set lookup per header and one append.
-
-        HeaderEdit(set=((b"x-env", b"prod"),), add=((b"via", b"sp"),), remove=frozenset({b"x-dbg"}))
-    """
-
-    set: tuple[tuple[bytes, bytes], ...] = ()
-    add: tuple[tuple[bytes, bytes], ...] = ()
-    remove: frozenset[bytes] = frozenset()
-    drop: frozenset[bytes] = field(init=False, repr=False, compare=False)
-    lines: bytes = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for name, value in (*self.set, *self.add):
-            _check_header(name, value)
-        for name in self.remove:
-            _check_header(name, b"")
-        framing = {n for n, _ in (*self.set, *self.add)} | self.remove
-        if framing & _NOT_EDITABLE:
-            names = b", ".join(sorted(framing & _NOT_EDITABLE)).decode()
-            raise ValueError(f"framing and hop-by-hop headers cannot be edited: {names}")
-        object.__setattr__(self, "drop", self.remove | {name for name, _ in self.set})
-        object.__setattr__(
-            self, "lines", b"".join(n + b": " + v + _CRLF for n, v in (*self.set, *self.add))
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class LocalReply:
-    """A response made by the proxy itself (content-type text/plain).
-
-    The dispatcher may set ``exchange.flags`` (e.g. "NR", "UH") before returning one.
-    """
-
-    status: int
-    body: bytes = b""
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-    close: bool = False
-
-
-# retryOn conditions (bits of RetryPlan.on)
-RETRY_5XX: Final = 1
-RETRY_GATEWAY_ERROR: Final = 2
-RETRY_RESET: Final = 4
-RETRY_CONNECT_FAILURE: Final = 8
-RETRY_RESET_BEFORE_REQUEST: Final = 16
-RETRY_RETRIABLE_4XX: Final = 32
-RETRY_STATUS_CODES: Final = 64
-_RETRY_ON_BITS: Final = {
-    "5xx": RETRY_5XX,
-    "gateway-error": RETRY_GATEWAY_ERROR,
-    "reset": RETRY_RESET,
-    "connect-failure": RETRY_CONNECT_FAILURE,
-    "reset-before-request": RETRY_RESET_BEFORE_REQUEST,
-    "retriable-4xx": RETRY_RETRIABLE_4XX,
-    "retriable-status-codes": RETRY_STATUS_CODES,
-}
-_ON_RESET: Final = RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET
-_ON_CONNECT: Final = _ON_RESET | RETRY_CONNECT_FAILURE | RETRY_RESET_BEFORE_REQUEST
-REPLAY_LIMIT: Final = 64 * 1024
-BACKOFF_BASE: Final = 0.025  # Envoy's default base retry interval
-
-
-class RetryPlan:
-    """A route's retry policy, precomputed for the request path (see the module docstring).
-
-    ``statuses`` holds every response status that triggers a retry (5xx expanded, 409 for
-    retriable-4xx, the bare codes), so deciding costs one set lookup per response.
-
-        plan = RetryPlan.from_policy(RetryPolicy())   # Istio's default: 2 attempts, 503
-    """
-
-    __slots__ = (
-        "attempts",
-        "backoff",
-        "on",
-        "on_connect",
-        "on_reset",
-        "other_hosts",
-        "per_try_timeout",
-        "replay_limit",
-        "statuses",
-    )
-
-    def __init__(
-        self,
-        attempts: int,
-        on: int,
-        codes: Iterable[int] = (),
-        *,
-        per_try_timeout: float | None = None,
-        other_hosts: bool = False,
-        backoff: float = BACKOFF_BASE,
-        replay_limit: int = REPLAY_LIMIT,
-    ) -> None:
-        if attempts < 0 or replay_limit < 0 or backoff < 0:
-            raise ValueError("attempts, replay_limit and backoff must be >= 0")
-        if per_try_timeout is not None and per_try_timeout <= 0:
-            raise ValueError("per_try_timeout must be > 0")
-        self.attempts = attempts
-        self.on = on
-        statuses: set[int] = set()
-        if on & RETRY_5XX:
-            statuses.update(range(500, 600))
-        if on & RETRY_GATEWAY_ERROR:
-            statuses.update((502, 503, 504))
-        if on & RETRY_RETRIABLE_4XX:
-            statuses.add(409)
-        if on & RETRY_STATUS_CODES:
-            statuses.update(codes)
-        self.statuses = frozenset(statuses)
-        self.on_connect = bool(on & _ON_CONNECT)
-        self.on_reset = bool(on & _ON_RESET)  # resets, protocol errors and per-try timeouts
-        self.per_try_timeout = per_try_timeout
-        self.other_hosts = other_hosts
-        self.backoff = backoff
-        self.replay_limit = replay_limit
-
-    def __repr__(self) -> str:
-        return (
-            f"<RetryPlan attempts={self.attempts} on={self.on:#x} "
-            f"statuses={sorted(self.statuses)[:8]} per_try={self.per_try_timeout}>"
-        )
-
-    @classmethod
-    def from_policy(cls, policy: RetryPolicy | None) -> RetryPlan | None:
-        """None when the route does not retry (``attempts: 0``)."""
-        if policy is None or policy.attempts <= 0:
-            return None
-        on = 0
-        for token in policy.retry_on:
-            on |= _RETRY_ON_BITS.get(token, 0)
-        return cls(
-            policy.attempts,
-            on,
-            policy.retriable_status_codes,
-            per_try_timeout=policy.per_try_timeout,
-            other_hosts=policy.retry_previous_hosts,
-            backoff=policy.backoff if policy.backoff else BACKOFF_BASE,
-        )
-
-    def connect_retries(self, endpoints: int) -> int:
-        """How many connect failures may move on to another endpoint (``endpoints`` in all)."""
-        return min(self.attempts, endpoints - 1) if self.on_connect else 0
-
-    def delay(self, retry: int) -> float:
-        """Envoy's fully jittered exponential back-off before retry number ``retry`` (1, 2...)."""
-        cap = min(self.backoff * (1 << min(retry - 1, 16)), 10 * self.backoff)
-        return random.random() * cap
-
-
-_plans: dict[int, tuple[RetryPolicy, RetryPlan | None]] = {}
-
-
-def retry_plan(policy: RetryPolicy | None) -> RetryPlan | None:
-    """:meth:`RetryPlan.from_policy`, memoised per policy object (routes are built once).
-
-    Keyed by identity: hashing a frozen dataclass costs a tuple of its fields on every call.
-    The entry keeps its policy alive, so an id is never reused while it is cached.
-    """
-    if policy is None:
-        return None
-    hit = _plans.get(id(policy))
-    if hit is not None and hit[0] is policy:
-        return hit[1]
-    if len(_plans) > 4096:
-        _plans.clear()  # old configs after many reloads
-    plan = RetryPlan.from_policy(policy)
-    _plans[id(policy)] = (policy, plan)
-    return plan
-
-
-class Forward:
-    """Send the request to ``pool`` (see the field comments for the rest)."""
-
-    __slots__ = (
-        "authority",
-        "connect_retries",
-        "next_pool",
-        "pool",
-        "request_headers",
-        "response_headers",
-        "retry",
-        "set_cookie",
-        "target",
-        "timeout",
-    )
-
-    def __init__(
-        self,
-        pool: UpstreamPool,
-        *,
-        target: bytes | None = None,
-        authority: bytes | None = None,
-        request_headers: HeaderEdit | None = None,
-        response_headers: HeaderEdit | None = None,
-        set_cookie: bytes | None = None,
-        timeout: float | None = None,
-        next_pool: Callable[[int], UpstreamPool | None] | None = None,
-        connect_retries: int = 0,
-        retry: RetryPlan | None = None,
-    ) -> None:
-        self.pool = pool
-        self.target = target  # rewritten request-target, None = unchanged
-        self.authority = authority  # rewritten Host, None = unchanged
-        self.request_headers = request_headers
-        self.response_headers = response_headers
-        self.set_cookie = set_cookie  # a whole line: b"set-cookie: ...\r\n"
-        # From the end of the request to the end of the response (Envoy's route timeout).
-        self.timeout = timeout
-        # After a connect failure (nothing sent): the pool for attempt k = 1, 2, ...
-        # next_pool(k) is also where a retry goes when retry.other_hosts is set.
-        self.next_pool = next_pool
-        self.connect_retries = connect_retries
-        # Retries after a connection was made (status, reset, per-try timeout); None: only the
-        # connect failures above and the one resend of a stale keep-alive connection.
-        self.retry = retry
-
-
-class Exchange:
-    """One request/response: what the dispatcher decides on, and the access-log record.
-
-    Filled by the connection: the request fields before ``dispatch``; ``status``, ``flags``,
-    ``end``, byte counts and ``upstream`` by the time ``finished`` is called. ``target`` is the
-    request-target in origin form (an absolute-form target is split and its authority wins over
-    Host, RFC 9112 §3.2.2); ``authority`` is the Host ("" for HTTP/1.0 without one).
-    ``headers`` are (lower-cased name, value) as received, hop-by-hop ones included.
-
-    ``flags`` are Envoy's response flags: "-" none, set here: DC downstream closed, DPE
-    downstream protocol error, UF upstream connect failure, UC upstream closed/reset, UPE
-    upstream protocol error, UT upstream timeout; the dispatcher may set its own (NR, UH, ...)
-    before returning a LocalReply; UO is a circuit breaker overflow. ``bytes_received``/
-    ``bytes_sent`` count body bytes (tunnel bytes after a 101). ``status`` is 0 when no response
-    was started. ``retries`` counts the attempts after the first (connect failures included).
-    """
-
-    __slots__ = (
-        "_body",
-        "_body_done",
-        "_buffered",
-        "_chunked",
-        "_cl",
-        "_conn_tokens",
-        "_error",
-        "_keep_alive",
-        "_replay",
-        "_replay_left",
-        "_upgrade",
-        "_xff",
-        "authority",
-        "bytes_received",
-        "bytes_sent",
-        "end",
-        "flags",
-        "headers",
-        "method",
-        "peer",
-        "request_id",
-        "retries",
-        "sock",
-        "start",
-        "status",
-        "tag",
-        "target",
-        "upstream",
-        "version",
-    )
-
-    def __init__(self, peer: tuple[str, int], sock: tuple[str, int], start: float) -> None:
-        self.method = b""
-        self.target = b""
-        self.version = b"1.1"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.authority: bytes | None = None
-        self.peer = peer
-        self.sock = sock
-        self.start = start
-        self.end = 0.0
-        self.status = 0
-        self.flags = "-"
-        self.bytes_received = 0
-        self.bytes_sent = 0
-        self.upstream: str | None = None
-        self.request_id = b""
-        self.retries = 0
-        self.tag: object = None  # the dispatcher's own per-exchange state (http1 ignores it)
-        # http1-private request state (lives here so a queued request carries it along)
-        self._keep_alive = True
-        self._upgrade: bytes | None = None  # Upgrade header value of an upgrade request
-        self._chunked = False
-        self._cl: bytes | None = None
-        self._conn_tokens: frozenset[bytes] | None = None
-        self._xff: bytes | None = None
-        self._body: list[bytes] = []  # body bytes not yet written upstream
-        self._buffered = 0
-        self._body_done = False
-        self._error: tuple[int, bytes] | None = None  # reject with this once it is our turn
-        self._replay: list[bytes] | None = None  # the whole body so far, while it may be resent
-        self._replay_left = 0  # bytes the replay buffer may still take
-
-    def __repr__(self) -> str:
-        return f"<Exchange {self.method.decode()} {self.target!r} {self.status} {self.flags}>"
-
-
-class Dispatcher(Protocol):
-    """The decision maker (implemented by the server module: routing, affinity, clusters)."""
-
-    def dispatch(self, exchange: Exchange) -> Forward | LocalReply:
-        """Synchronous and fast: runs on the request path."""
-        ...
-
-    def finished(self, exchange: Exchange) -> None:
-        """Called once per exchange, after its last byte or its abort.
-
-        Also for requests the connection rejects itself (400, 431, 408 ...), which were never
-        dispatched (their request fields may be partial), and for pipelined requests dropped
-        when the client disconnected (status 0, flags "DC").
-        """
-        ...
 
 
 # --------------------------------------------------------------------------- small helpers
