@@ -19,7 +19,9 @@ def compiled_modules() -> list[str]:
 
 
 def test_setup_compiles_the_request_path() -> None:
-    assert {"exchange", "http1", "upstream", "dispatch", "affinity", "metrics"} <= set(compiled_modules())
+    assert {"exchange", "http1", "upstream", "dispatch", "affinity", "metrics"} <= set(
+        compiled_modules()
+    )
 
 
 @pytest.mark.skipif(PURE, reason="STICKY_PROXY_PURE=1: the interpreted build is under test")
