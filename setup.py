@@ -27,6 +27,7 @@ COMPILED = [
     "proxy/hashing.py",
     "proxy/retry.py",
     "proxy/metrics.py",
+    "proxy/accesslog.py",
 ]
 
 

@@ -77,8 +77,9 @@ class AccessLog:
         self.dropped = 0  # batches the writer could not keep up with
         self._lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue(MAX_BATCHES)
-        self._thread = threading.Thread(target=self._write, name="access-log", daemon=True)
-        self._thread.start()
+        # Not "_thread": compiled (setup.py), mypyc would name it __thread in C, a GCC keyword.
+        self._writer = threading.Thread(target=self._write, name="access-log", daemon=True)
+        self._writer.start()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._offset = 0.0  # wall clock - loop clock
@@ -172,4 +173,4 @@ class AccessLog:
         self.flush()
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
-        self._thread.join(timeout)
+        self._writer.join(timeout)
