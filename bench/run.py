@@ -112,6 +112,7 @@ class Row:
     optional: tuple[tuple[str, ...], ...] = ()
     loads: tuple[str, ...] = LOADS
     default: bool = True
+    baseline: bool = False  # run with --baseline-cmd instead of --proxy-cmd
 
 
 # Ports the base rows switch off (when the CLI has them): a row measures the data plane plus
@@ -187,6 +188,28 @@ ROWS: tuple[Row, ...] = (
             ("--readiness-port", "{ready_port}"),
         ),
         loads=("returning",),
+    ),
+    # Another build of sticky-proxy (--baseline-cmd, e.g. an older commit) beside this one in
+    # the same run: before/after figures that share their nginx reference and machine state.
+    Row(
+        "baseline-1w",
+        "sticky",
+        8096,
+        "--baseline-cmd build, 1 worker",
+        optional=OPS_OFF,
+        default=False,
+        baseline=True,
+    ),
+    Row(
+        "baseline-1w-metrics",
+        "sticky",
+        8097,
+        "--baseline-cmd build, 1 worker, Prometheus metrics port on loopback",
+        flags=("--metrics-port", "{metrics_port}"),
+        optional=(("--ops-address", "127.0.0.1"), *_ops_off("--metrics-port")),
+        loads=("returning",),
+        default=False,
+        baseline=True,
     ),
     Row("nginx-2w", "nginx", 8083, "nginx 2 workers", workers=2, default=False),
     Row("haproxy-2t", "haproxy", 8084, "haproxy nbthread 2", workers=2, default=False),
@@ -507,7 +530,8 @@ def row_argv(b: Bench, row: Row) -> tuple[list[str] | None, str]:
     extra = [x.format(**ports) for x in extra]
     upstreams = " ".join(f"--upstream {u}" for u in BACKENDS)
     a = b.args
-    text = a.proxy_template.format(proxy=a.proxy_cmd, upstreams=upstreams, port=row.port)
+    proxy = a.baseline_cmd if row.baseline else a.proxy_cmd
+    text = a.proxy_template.format(proxy=proxy, upstreams=upstreams, port=row.port)
     return [*shlex.split(text), *extra], ""
 
 
@@ -1363,6 +1387,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-load", action="store_true", help="skip the wrk rounds")
     ap.add_argument("--proxy-cmd", default=DEFAULT_PROXY, help="sticky-proxy command")
     ap.add_argument(
+        "--baseline-cmd",
+        default="",
+        help="another sticky-proxy build to measure beside --proxy-cmd in the same run "
+        "(adds the baseline-* rows), e.g. an older commit",
+    )
+    ap.add_argument(
         "--proxy-template",
         default=DEFAULT_TEMPLATE,
         help="sticky-proxy command line; {proxy} {upstreams} {port} are substituted and each "
@@ -1384,6 +1414,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [n for n in a.rows.split(",") if n and n not in names]
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {', '.join(names)}")
+    baseline_rows = [r.name for r in ROWS if r.baseline]
+    if a.baseline_cmd and a.rows == ap.get_default("rows"):
+        a.rows += "," + ",".join(baseline_rows)
+    if not a.baseline_cmd and set(a.rows.split(",")) & set(baseline_rows):
+        ap.error("the baseline-* rows need --baseline-cmd")
     if (os.cpu_count() or 1) < 2:
         log("warning: fewer than 2 CPUs, pinning disabled")
         a.proxy_cpus = a.multi_cpus = a.load_cpus = ""
