@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from proxy.cluster import Balancer, next_distinct
 from proxy.http1 import Exchange, Forward, LocalReply
@@ -32,10 +32,10 @@ if TYPE_CHECKING:
     from proxy.server import Proxy, Runtime
 
 # Envoy's local replies (DESIGN §7); bodies are Envoy's text so Istio users recognise them.
-NO_ROUTE = LocalReply(404)
-NO_HEALTHY_UPSTREAM = LocalReply(503, b"no healthy upstream")
-NO_CLUSTER = LocalReply(503, b"no healthy upstream")
-_EMPTY: Mapping[str, str] = MappingProxyType({})
+NO_ROUTE: Final = LocalReply(404)
+NO_HEALTHY_UPSTREAM: Final = LocalReply(503, b"no healthy upstream")
+NO_CLUSTER: Final = LocalReply(503, b"no healthy upstream")
+_EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 
 
 def _query_params(target: str) -> dict[str, str]:
@@ -116,7 +116,7 @@ class _Prepared:
 
 
 # Distinct (Host, method, target) triples remembered per listener before the cache starts over.
-ROUTE_CACHE_SIZE = 4096
+ROUTE_CACHE_SIZE: Final = 4096
 
 
 class Dispatcher:

@@ -177,7 +177,13 @@ _UPGRADE_KEEP: Final = frozenset({b"upgrade"})
 _NOTHING: Final[frozenset[bytes]] = frozenset()
 
 # Request headers looked at while parsing (everything else is only copied).
-_H_HOST, _H_CL, _H_TE, _H_CONN, _H_XFF, _H_RID, _H_UPGRADE = range(7)
+_H_HOST: Final = 0
+_H_CL: Final = 1
+_H_TE: Final = 2
+_H_CONN: Final = 3
+_H_XFF: Final = 4
+_H_RID: Final = 5
+_H_UPGRADE: Final = 6
 _SPECIAL: Final = {
     b"host": _H_HOST,
     b"content-length": _H_CL,
@@ -205,7 +211,9 @@ _P_UPGRADE: Final = 8  # an upgrade request waits for its 101
 _P_DONE: Final = 16  # nothing more will be read (error, closing)
 
 # Response body framing towards the client.
-_M_NONE, _M_RAW, _M_CHUNKED = 0, 1, 2
+_M_NONE: Final = 0
+_M_RAW: Final = 1
+_M_CHUNKED: Final = 2
 
 _BUFFER_LIMIT: Final = 64 * 1024  # body bytes held for a request not yet attached upstream
 
@@ -247,7 +255,7 @@ class _RequestIds:
         return self._ids[i : i + 36]
 
 
-_next_request_id = _RequestIds()
+_next_request_id: Final = _RequestIds()
 
 _date_cache: list[object] = [0, b""]
 
