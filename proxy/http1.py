@@ -125,6 +125,7 @@ from proxy.upstream import (
     CircuitBreaker,
     UpstreamConnection,
     UpstreamPool,
+    callback_error,
 )
 
 __all__ = [
@@ -1182,9 +1183,7 @@ class HttpConnection(asyncio.Protocol):
         """The client sent something we cannot parse: reject it in turn and close."""
         self._pause(_P_DONE)
         self._head_open = False
-        # Only a callback error carries our exception; on any other error __context__ is
-        # whatever exception happened to be handled around feed_data (none, interpreted).
-        cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+        cause = callback_error(exc)
         if isinstance(cause, _StopParsing):
             self._parsing = None
             if self._queue:

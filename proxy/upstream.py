@@ -71,6 +71,7 @@ __all__ = [
     "ResponseSink",
     "UpstreamConnection",
     "UpstreamPool",
+    "callback_error",
 ]
 
 logger = logging.getLogger("proxy.upstream")
@@ -188,6 +189,16 @@ class CircuitBreaker:
         """A connection closed: pools with queued requests may open one now."""
         for pool in list(self._waiting):
             pool._schedule_waiters()
+
+
+def callback_error(exc: httptools.HttpParserError) -> BaseException | None:
+    """The exception one of our parser callbacks raised, when ``exc`` reports one.
+
+    Only a callback error carries it (as ``__context__``); on any other parser error the
+    context is whatever exception happened to be handled around ``feed_data``, which compiled
+    coroutines can leave behind on the loop, so it must not be read as ours.
+    """
+    return exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
 
 
 class _Unexpected(Exception):
@@ -351,9 +362,7 @@ class UpstreamConnection(asyncio.Protocol):
             if rest and self._sink is not None:
                 self._sink.tunnel(rest)
         except httptools.HttpParserError as exc:
-            # Only a callback error carries our exception; on any other error __context__ is
-            # whatever exception happened to be handled around feed_data (none, interpreted).
-            cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+            cause = callback_error(exc)
             if cause is not None and not isinstance(cause, _Unexpected):
                 # Raised by the sink's code inside a callback: a bug, not the upstream's fault.
                 logger.error("error relaying a response from %s", self.pool.key, exc_info=cause)

@@ -39,11 +39,11 @@ PROXY_DIR = Path(__file__).resolve().parent.parent / "proxy"
 
 def pytest_configure(config: pytest.Config) -> None:
     """Refuse to test stale extensions: an edited module must be compiled again first."""
-    stale = [
-        so.name.split(".")[0] + ".py"
-        for so in PROXY_DIR.glob("*.so")
-        if (PROXY_DIR / (so.name.split(".")[0] + ".py")).stat().st_mtime > so.stat().st_mtime
-    ]
+    stale = []
+    for so in PROXY_DIR.glob("*.so"):
+        source = PROXY_DIR / (so.name.split(".")[0] + ".py")
+        if source.exists() and source.stat().st_mtime > so.stat().st_mtime:
+            stale.append(source.name)
     if stale:
         raise pytest.UsageError(
             f"proxy/{', proxy/'.join(sorted(stale))} changed after it was compiled: "
