@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PROXY=${PROXY:-.venv/bin/python -m proxy}
 DURATION=${DURATION:-10}
 COOKIE='ISTIOID="d5bede35465dd05f"'
-run=$(mktemp -d /tmp/sticky-instructions-XXXXXX)
+run=${RUN_DIR:-$(mktemp -d /tmp/sticky-instructions-XXXXXX)}
 chmod 755 "$run"
 pids=()
 cleanup() {

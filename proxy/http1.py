@@ -173,8 +173,6 @@ def _status_line(status: int) -> bytes:
 # Request headers we re-emit ourselves (framing, Host, forwarding headers).
 _REQUEST_OWN: Final = frozenset({b"host", b"content-length", b"x-request-id"})
 _FORWARDING: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
-_RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
-_UPGRADE_KEEP: Final = frozenset({b"upgrade"})
 _NOTHING: Final[frozenset[bytes]] = frozenset()
 
 # Request headers looked at while parsing (everything else is only copied).
@@ -272,11 +270,10 @@ def _date_line() -> bytes:
     return line
 
 
-def _header_lines(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[bytes]:
+def _header_lines(headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
     parts: list[bytes] = []
     for name, value in headers:
-        if name not in drop:
-            parts += (name, b": ", value, _CRLF)
+        parts += (name, b": ", value, _CRLF)
     return parts
 
 
@@ -344,6 +341,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_open = False  # between on_message_begin and on_headers_complete
         self._head_bytes = 0  # size of the head so far, as seen through the callbacks
         self._head_unparsed = 0  # bytes fed while the head stayed open (httptools buffers them)
+        self._fresh = b""  # the bytes being fed, when they start at a request line
         self._messages = 0
         self._idle_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -442,6 +440,8 @@ class HttpConnection(asyncio.Protocol):
         messages = self._messages
         head_was_open = self._head_open
         self._in_feed = True
+        if self._parsing is None:
+            self._fresh = data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -450,6 +450,7 @@ class HttpConnection(asyncio.Protocol):
             self._parse_error(exc)
         finally:
             self._in_feed = False
+            self._fresh = b""
         if self._head_open:
             self._head_still_open(len(data), head_was_open and messages == self._messages)
         up = self._upstream
@@ -498,11 +499,8 @@ class HttpConnection(asyncio.Protocol):
         assert ex is not None
         self._head_open = False
         parser = self._parser
-        version = _VERSIONS.get(parser.get_http_version())
-        if version is None:
-            raise _RequestError(505, b"HTTP version not supported")
-        ex.version = version
         ex.method = parser.get_method()
+        ex.version = self._version(ex)
         ex._keep_alive = parser.should_keep_alive()
         self._check_request(ex)
         ex._body_done = ex._upgrade is not None or not (ex._chunked or ex._cl not in (None, b"0"))
@@ -513,6 +511,28 @@ class HttpConnection(asyncio.Protocol):
         else:
             self._queue.append(ex)
             self._pause(_P_QUEUE)
+
+    def _version(self, ex: Exchange) -> bytes:
+        """HTTP version of the request whose head just ended.
+
+        httptools only offers ``get_http_version``, which formats a str (about a tenth of the
+        request's CPU). When the bytes being fed began with this request's line, llhttp has
+        accepted "METHOD SP target SP HTTP/x.y CRLF" there, so the version sits at a known
+        offset; it is read from the parser only otherwise (split or pipelined heads).
+        """
+        fresh = self._fresh
+        if fresh:
+            self._fresh = b""  # a pipelined request after this one starts elsewhere
+            at = len(ex.method) + len(ex.target) + 2
+            found = fresh[at : at + 10]
+            if found == b"HTTP/1.1\r\n":
+                return b"1.1"
+            if found == b"HTTP/1.0\r\n":
+                return b"1.0"
+        version = _VERSIONS.get(self._parser.get_http_version())
+        if version is None:
+            raise _RequestError(505, b"HTTP version not supported")
+        return version
 
     def on_body(self, data: bytes) -> None:
         ex = self._parsing
@@ -592,7 +612,7 @@ class HttpConnection(asyncio.Protocol):
             if ex.version == b"1.1":
                 raise _RequestError(400, b"missing host header")  # RFC 9112 §3.2
             ex.authority = b""
-        if not self._parser.should_upgrade():
+        if ex._upgrade is not None and not self._parser.should_upgrade():
             ex._upgrade = None  # Upgrade without "Connection: upgrade" is just a header
 
     @staticmethod
@@ -947,7 +967,7 @@ class HttpConnection(asyncio.Protocol):
         if ex is None or ex.version != b"1.1":
             return  # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client
         parts = [_status_line(status)]
-        parts += _header_lines(headers, HOP_BY_HOP)
+        parts += _header_lines(headers)  # hop-by-hop ones never reach the list
         parts.append(_CRLF)
         self._wbuf.append(b"".join(parts))
 
@@ -958,7 +978,10 @@ class HttpConnection(asyncio.Protocol):
         content_length: bytes | None,
         no_body: bool,
         connection_tokens: frozenset[bytes],
+        upgrade_to: bytes | None,
     ) -> None:
+        """The final response head. ``headers`` holds no hop-by-hop header and no
+        content-length (the upstream keeps them out): framing is ours to write."""
         ex = self._active
         fwd = self._forward
         assert ex is not None and fwd is not None
@@ -976,17 +999,13 @@ class HttpConnection(asyncio.Protocol):
             # Answered before the body ended, or an upgrade refused (what the client sent after
             # its head is not HTTP): either way the client's framing cannot be trusted.
             self._keep = False
-        drop = _RESPONSE_DROP
-        if connection_tokens:
-            drop = drop | connection_tokens
+        drop = connection_tokens
         edit = fwd.response_headers
         if edit is not None:
             drop = drop | edit.drop
-        if upgraded:
-            drop = drop - _UPGRADE_KEEP  # a 101 names its new protocol
         parts = [_STATUS_LINES.get(status) or _status_line(status)]
         for name, value in headers:
-            if name not in drop:
+            if not drop or name not in drop:
                 # Four appends, not parts += (...): compiled, that builds a tuple per header.
                 parts.append(name)
                 parts.append(b": ")
@@ -994,6 +1013,8 @@ class HttpConnection(asyncio.Protocol):
                 parts.append(_CRLF)
         if upgraded:
             self._mode = _M_NONE
+            if upgrade_to is not None:
+                parts += (b"upgrade: ", upgrade_to, _CRLF)  # a 101 names its new protocol
             parts.append(_UPGRADE_LINE)
         elif no_body:
             self._mode = _M_NONE

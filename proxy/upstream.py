@@ -9,7 +9,7 @@ running loop lazily and never assumes it was built inside one.
 An :class:`UpstreamConnection` carries one exchange at a time (no pipelining upstream: a response
 can be matched to its request only by order, and a reset would then lose every request behind
 it). While it serves an exchange it is *attached* to a :class:`ResponseSink` — the downstream
-connection in ``http1`` — and reports the response through a handful of calls:
+connection, ``http1.HttpConnection`` — and reports the response through a handful of calls:
 
     interim(status, headers)     1xx other than 101, zero or more times
     head(status, headers, ...)   the final response head
@@ -55,9 +55,14 @@ import asyncio
 import collections
 import contextlib
 import logging
-from typing import Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
+
+if TYPE_CHECKING:
+    # The sink is typed as the one class that implements it, not as a Protocol: compiled, a
+    # call through a Protocol is a Python method call, a call on a native class a C call.
+    from proxy.http1 import HttpConnection
 
 __all__ = [
     "OPEN",
@@ -68,7 +73,6 @@ __all__ = [
     "CircuitBreaker",
     "HostMonitor",
     "PoolWaiter",
-    "ResponseSink",
     "UpstreamConnection",
     "UpstreamPool",
     "callback_error",
@@ -90,34 +94,20 @@ OVERFLOW: Final = 3  # a circuit breaker is full: 503, reset reason overflow
 UNLIMITED: Final = 2**32 - 1  # Envoy's "no limit" for circuit breakers (Istio's defaults)
 
 _KEEP_ALIVE_TOKENS: Final = frozenset({b"close", b"keep-alive"})
-_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"connection"})
-
-
-class ResponseSink(Protocol):
-    """What an attached upstream connection reports to (implemented by ``http1``)."""
-
-    def interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
-
-    def head(
-        self,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        content_length: bytes | None,
-        no_body: bool,
-        connection_tokens: frozenset[bytes],
-    ) -> None: ...
-
-    def body(self, data: bytes) -> None: ...
-
-    def end(self) -> None: ...
-
-    def tunnel(self, data: bytes) -> None: ...
-
-    def failed(self, reason: int, retryable: bool) -> None: ...
-
-    def upstream_paused(self, paused: bool) -> None: ...
-
-    def flush(self) -> None: ...
+# Response headers the proxy acts on and never copies: hop-by-hop ones (RFC 9110 §7.6.1) and
+# content-length, which the sink writes itself from the framing it chooses.
+_NOT_COPIED: Final = frozenset(
+    {
+        b"connection",
+        b"content-length",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
 
 
 class HostMonitor(Protocol):
@@ -224,6 +214,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_sink",
         "_tunnel",
         "_upgrade",
+        "_upgrade_to",
         "_wbuf",
         "closed",
         "counted",
@@ -242,7 +233,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._parser_stale = False
-        self._sink: ResponseSink | None = None
+        self._sink: HttpConnection | None = None
         self._wbuf: list[bytes] = []
         self.closed = False  # closing or closed: never pooled, never written
         self.counted = False  # holds one of the pool's connection counts (see connect)
@@ -260,6 +251,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._content_length: bytes | None = None
         self._chunked = False
         self._conn_tokens: frozenset[bytes] = frozenset()
+        self._upgrade_to: bytes | None = None  # a 101's Upgrade header
 
     # ------------------------------------------------------------------ used by the sink
     @property
@@ -267,7 +259,7 @@ class UpstreamConnection(asyncio.Protocol):
         """True when this connection already served an exchange (it may have gone stale)."""
         return self.requests > 0
 
-    def attach(self, sink: ResponseSink, *, head_only: bool, upgrade: bool) -> None:
+    def attach(self, sink: HttpConnection, *, head_only: bool, upgrade: bool) -> None:
         """Start an exchange: responses are reported to ``sink`` until ``end``/``failed``."""
         self._sink = sink
         self.request_done = False
@@ -420,27 +412,34 @@ class UpstreamConnection(asyncio.Protocol):
         self._content_length = None
         self._chunked = False
         self._conn_tokens = frozenset()
+        self._upgrade_to = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._final:
             return  # trailers: HTTP/1.1 to the client has no place for them, like Envoy
         name = name.lower()
-        self._headers.append((name, value))
-        if name in _FRAMING:
-            self._framing_header(name, value)
+        n = len(name)
+        # Every name in _NOT_COPIED has one of these lengths: an int compare spares hashing
+        # the other names (compiled, a set lookup costs more than the rest of this call).
+        if (n == 10 or n == 14 or n == 17 or n == 7 or n == 2 or n == 16) and name in _NOT_COPIED:
+            self._not_copied(name, value)
+        else:
+            self._headers.append((name, value))
 
-    def _framing_header(self, name: bytes, value: bytes) -> None:
+    def _not_copied(self, name: bytes, value: bytes) -> None:
         if name == b"content-length":
             self._content_length = value
         elif name == b"transfer-encoding":
             # llhttp only treats the body as chunked when chunked is the last coding;
             # any other coding means "read until close" (RFC 9112 §6.3).
             self._chunked = value.rstrip().lower().endswith(b"chunked")
-        else:  # connection: the headers it names are hop-by-hop too
+        elif name == b"connection":  # the headers it names are hop-by-hop too
             value = value.lower()
             if value not in _KEEP_ALIVE_TOKENS:
                 tokens = frozenset(t.strip() for t in value.split(b","))
                 self._conn_tokens |= tokens - _KEEP_ALIVE_TOKENS
+        elif name == b"upgrade":
+            self._upgrade_to = value
 
     def on_headers_complete(self) -> None:
         sink = self._sink
@@ -456,7 +455,14 @@ class UpstreamConnection(asyncio.Protocol):
         if self._chunked:
             self._content_length = None  # RFC 9112 §6.3: TE overrides CL (llhttp rejects both)
         no_body = self._head_only or status in (204, 304)
-        sink.head(status, self._headers, self._content_length, no_body, self._conn_tokens)
+        sink.head(
+            status,
+            self._headers,
+            self._content_length,
+            no_body,
+            self._conn_tokens,
+            self._upgrade_to,
+        )
         if status == 101:
             self._tunnel = True
         elif self._head_only:
