@@ -29,7 +29,8 @@ from proxy.upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from proxy.metrics import ClusterStats
-    from proxy.server import Proxy, Runtime
+    from proxy.routing import Router
+    from proxy.server import ClusterRuntime, Proxy, Runtime
 
 # Envoy's local replies (DESIGN §7); bodies are Envoy's text so Istio users recognise them.
 NO_ROUTE: Final = LocalReply(404)
@@ -93,6 +94,7 @@ class _Prepared:
         "affinity",
         "authority",
         "cluster",
+        "crt",
         "plan",
         "reply",
         "request_headers",
@@ -101,9 +103,11 @@ class _Prepared:
         "timeout",
     )
 
-    def __init__(self, decision: RouteDecision) -> None:
+    def __init__(self, decision: RouteDecision, runtime: Runtime) -> None:
         self.reply = decision.local_reply
         self.cluster = decision.cluster or ""
+        # Valid as long as the runtime is: a reload makes new _Prepared objects.
+        self.crt: ClusterRuntime | None = runtime.clusters.get(self.cluster)
         # Istio puts the hash policy on the route (a weighted split folds every destination's
         # policy into one key), so the route's affinity decides, not the cluster's.
         self.affinity = decision.action.affinity
@@ -128,24 +132,31 @@ class Dispatcher:
     the head and walking the route table.
     """
 
-    __slots__ = ("_cache", "_cached_for", "port", "proxy")
+    __slots__ = ("_cache", "_cacheable", "_cached_for", "_router", "port", "proxy")
 
     def __init__(self, proxy: Proxy, port: int) -> None:
         self.proxy = proxy
         self.port = port
         self._cache: dict[tuple[bytes | None, bytes, bytes], _Prepared] = {}
+        # What the cache was filled from, and that runtime's router for this port.
         self._cached_for: Runtime | None = None
+        self._router: Router | None = None
+        self._cacheable = False
 
     def _route(self, runtime: Runtime, ex: Exchange) -> _Prepared | None:
-        router = runtime.routers.get(self.port)
+        if runtime is not self._cached_for:
+            self._cache.clear()
+            self._cached_for = runtime
+            self._router = runtime.routers.get(self.port)
+            self._cacheable = self._router is not None and not (
+                self._router.needs_headers or self._router.needs_query
+            )
+        router = self._router
         if router is None:
             return None
-        cacheable = not (router.needs_headers or router.needs_query)
         key = (ex.authority, ex.method, ex.target)
+        cacheable = self._cacheable
         if cacheable:
-            if runtime is not self._cached_for:
-                self._cache.clear()
-                self._cached_for = runtime
             found = self._cache.get(key)
             if found is not None:
                 return found
@@ -156,7 +167,7 @@ class Dispatcher:
         decision = router.match(authority, target, ex.method.decode("latin-1"), headers, params)
         if decision is None:
             return None
-        prepared = _Prepared(decision)
+        prepared = _Prepared(decision, runtime)
         if cacheable and decision.deterministic:
             if len(self._cache) >= ROUTE_CACHE_SIZE:
                 self._cache.clear()
@@ -171,7 +182,7 @@ class Dispatcher:
             return NO_ROUTE
         if route.reply is not None:
             return route.reply
-        crt = runtime.clusters.get(route.cluster)
+        crt = route.crt
         if crt is None:
             ex.flags = "NC"
             return NO_CLUSTER

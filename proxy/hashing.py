@@ -270,10 +270,12 @@ class RingHash:
 
     __slots__ = (
         "_arcs",
+        "_buckets",
         "_hashes",
         "_hosts",
         "_keys",
         "_n",
+        "_shift",
         "_stats",
         "hash_function",
     )
@@ -328,6 +330,7 @@ class RingHash:
         self._n = len(points)
         self._stats = BalancerStats(ring_size, min_per_host, max_per_host)
         self._arcs: dict[str, int] | None = None
+        self._shift, self._buckets = _bucket_index(self._hashes)
 
     @property
     def hosts(self) -> tuple[str, ...]:
@@ -361,9 +364,22 @@ class RingHash:
         """The endpoint owning ``hash`` (unsigned 64-bit); ``attempt`` k walks k entries on.
 
         Equivalent to Envoy's ketama binary search: the first entry with position >= hash,
-        index 0 when hash is past the last entry.
+        index 0 when hash is past the last entry. The search starts from the hash's bucket
+        (see ``_bucket_index``), which holds about one entry; bisecting the whole ring would
+        compare a dozen 64-bit Python ints.
         """
-        i = bisect_left(self._hashes, hash)
+        hashes = self._hashes
+        if 0 <= hash < _SPACE:
+            b = hash >> self._shift
+            i = self._buckets[b]
+            end = self._buckets[b + 1]
+            if end - i > _SCAN:
+                i = bisect_left(hashes, hash, i, end)
+            else:
+                while i < end and hashes[i] < hash:
+                    i += 1
+        else:
+            i = bisect_left(hashes, hash)
         if i == self._n:
             i = 0
         if attempt:
@@ -387,6 +403,30 @@ class RingHash:
             arcs[k] += h - prev
             prev = h
         return arcs
+
+
+# Entries a pick walks one by one before it bisects its bucket instead.
+_SCAN: Final = 8
+# 2**16 buckets at most: 64k list slots for the largest rings (Envoy allows 8M entries).
+_MAX_BUCKET_BITS: Final = 16
+
+
+def _bucket_index(hashes: list[int]) -> tuple[int, list[int]]:
+    """Split the hash space into 2**k equal buckets, k about log2(len(hashes)), so about one
+    entry falls in each; returns (64 - k, first) where first[b] is the index of the first
+    entry at or past bucket b's start (first[2**k] == len(hashes)). The entry owning a hash
+    in bucket b is then among first[b] .. first[b + 1]."""
+    bits = max(1, min(_MAX_BUCKET_BITS, len(hashes).bit_length()))
+    shift = 64 - bits
+    first: list[int] = []
+    i = 0
+    n = len(hashes)
+    for b in range((1 << bits) + 1):
+        start = b << shift
+        while i < n and hashes[i] < start:
+            i += 1
+        first.append(i)
+    return shift, first
 
 
 def _hash_of(point: tuple[int, str]) -> int:

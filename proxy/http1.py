@@ -246,7 +246,7 @@ class _RequestIds:
         self._ids = bytes(batch)
         self._next = 0
 
-    def __call__(self) -> bytes:
+    def take(self) -> bytes:
         if self._next >= len(self._ids):
             self._refill()
         i = self._next
@@ -254,7 +254,7 @@ class _RequestIds:
         return self._ids[i : i + 36]
 
 
-_next_request_id: Final = _RequestIds()
+_REQUEST_IDS: Final = _RequestIds()
 
 _date_cache: list[object] = [0, b""]
 
@@ -505,7 +505,7 @@ class HttpConnection(asyncio.Protocol):
         self._check_request(ex)
         ex._body_done = ex._upgrade is not None or not (ex._chunked or ex._cl not in (None, b"0"))
         if ex.request_id == b"":
-            ex.request_id = _next_request_id()
+            ex.request_id = _REQUEST_IDS.take()
         if self._active is None and not self._queue:
             self._activate(ex)
         else:

@@ -250,7 +250,7 @@ def aggregate(path: str) -> bytes:
 # Variable-length tuple types on purpose: compiled (setup.py), a fixed-length tuple is an
 # unboxed C struct that would be boxed again, element by element, on every use.
 _DURATION_BOUNDS: Final[tuple[float, ...]] = (*DURATION_BUCKETS_MS, math.inf)
-_BYTES_BOUNDS: Final[tuple[float, ...]] = (*BYTES_BUCKETS, math.inf)
+_BYTES_BOUNDS: Final[tuple[int, ...]] = BYTES_BUCKETS  # +Inf is the slot past the last
 
 
 def _bucket(bounds: tuple[float, ...], value: float) -> int:
@@ -259,6 +259,16 @@ def _bucket(bounds: tuple[float, ...], value: float) -> int:
     few float compares where bisect compares Python objects."""
     i = 0
     for bound in bounds:
+        if value <= bound:
+            return i
+        i += 1
+    return i
+
+
+def _size_bucket(value: int) -> int:
+    """``_bucket`` for a byte count: int compares (compiled, a float bound is unboxed first)."""
+    i = 0
+    for bound in _BYTES_BOUNDS:
         if value <= bound:
             return i
         i += 1
@@ -301,8 +311,8 @@ class _Tally:
         self.up = 0
         self.retries = 0
         self.dur = [0] * len(_DURATION_BOUNDS)
-        self.req = [0] * len(_BYTES_BOUNDS)
-        self.resp = [0] * len(_BYTES_BOUNDS)
+        self.req = [0] * (len(_BYTES_BOUNDS) + 1)
+        self.resp = [0] * (len(_BYTES_BOUNDS) + 1)
         self.dur_sum = 0.0
         self.req_sum = 0
         self.resp_sum = 0
@@ -393,10 +403,10 @@ class ClusterStats:
         t.dur[_bucket(_DURATION_BOUNDS, ms)] += 1
         t.dur_sum += ms
         size = ex.bytes_received
-        t.req[_bucket(_BYTES_BOUNDS, size)] += 1
+        t.req[_size_bucket(size)] += 1
         t.req_sum += size
         size = ex.bytes_sent
-        t.resp[_bucket(_BYTES_BOUNDS, size)] += 1
+        t.resp[_size_bucket(size)] += 1
         t.resp_sum += size
         if ex.upstream is not None:
             t.up += 1

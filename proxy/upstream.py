@@ -94,6 +94,7 @@ OVERFLOW: Final = 3  # a circuit breaker is full: 503, reset reason overflow
 UNLIMITED: Final = 2**32 - 1  # Envoy's "no limit" for circuit breakers (Istio's defaults)
 
 _KEEP_ALIVE_TOKENS: Final = frozenset({b"close", b"keep-alive"})
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 # Response headers the proxy acts on and never copies: hop-by-hop ones (RFC 9110 §7.6.1) and
 # content-length, which the sink writes itself from the framing it chooses.
 _NOT_COPIED: Final = frozenset(
@@ -250,7 +251,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._content_length: bytes | None = None
         self._chunked = False
-        self._conn_tokens: frozenset[bytes] = frozenset()
+        self._conn_tokens = _NO_TOKENS
         self._upgrade_to: bytes | None = None  # a 101's Upgrade header
 
     # ------------------------------------------------------------------ used by the sink
@@ -411,7 +412,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers = []
         self._content_length = None
         self._chunked = False
-        self._conn_tokens = frozenset()
+        self._conn_tokens = _NO_TOKENS
         self._upgrade_to = None
 
     def on_header(self, name: bytes, value: bytes) -> None:

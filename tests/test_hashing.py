@@ -436,6 +436,21 @@ def test_pick_agrees_with_ketama_on_random_hashes_and_attempts() -> None:
         assert ring.pick(h, attempt) == ketama_choose(entries, h, attempt)
 
 
+def test_pick_on_a_ring_whose_buckets_are_bisected() -> None:
+    # 2**20 entries share 2**16 buckets (16 a bucket): picks bisect inside the bucket.
+    ring = RingHash({"a:1": 1, "b:1": 1, "c:1": 1}, minimum_ring_size=2**20)
+    entries = list(ring.entries)
+    assert len(entries) > 8 * 2**16
+    rng = random.Random(11)
+    probes = [rng.getrandbits(64) for _ in range(2000)]
+    for i in rng.sample(range(len(entries)), 500):
+        h = entries[i][0]
+        probes += [h - 1, h, h + 1]
+    for h in probes:
+        if 0 <= h <= MAX64:
+            assert ring.pick(h) == ketama_choose(entries, h)
+
+
 def test_ring_with_one_point_owns_everything() -> None:
     ring = RingHash({"only:1": 1}, minimum_ring_size=1)
     assert len(ring) == 1

@@ -25,7 +25,7 @@ UUID4 = re.compile(rb"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0
 
 def test_request_ids_are_uuid4_text_across_batches() -> None:
     ids = _RequestIds()
-    made = [ids() for _ in range(1000)]  # several batches of 256
+    made = [ids.take() for _ in range(1000)]  # several batches of 256
     assert all(UUID4.match(i) for i in made), [i for i in made if not UUID4.match(i)][:3]
     assert len(set(made)) == len(made)
     assert {i[19:20] for i in made} == {b"8", b"9", b"a", b"b"}  # the variant keeps 2 bits
