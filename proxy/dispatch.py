@@ -28,7 +28,8 @@ from proxy.routing import RouteDecision
 from proxy.upstream import UpstreamPool
 
 if TYPE_CHECKING:
-    from proxy.metrics import ClusterStats
+    from proxy.accesslog import AccessLog
+    from proxy.metrics import ClusterStats, Metrics
     from proxy.routing import Router
     from proxy.server import ClusterRuntime, Proxy, Runtime
 
@@ -132,11 +133,23 @@ class Dispatcher:
     the head and walking the route table.
     """
 
-    __slots__ = ("_cache", "_cacheable", "_cached_for", "_router", "port", "proxy")
+    __slots__ = (
+        "_access_log",
+        "_cache",
+        "_cacheable",
+        "_cached_for",
+        "_metrics",
+        "_router",
+        "port",
+        "proxy",
+    )
 
     def __init__(self, proxy: Proxy, port: int) -> None:
         self.proxy = proxy
         self.port = port
+        # Both are made with the Proxy and never replaced (a reload swaps only the runtime).
+        self._metrics: Metrics | None = proxy.metrics
+        self._access_log: AccessLog | None = proxy.access_log
         self._cache: dict[tuple[bytes | None, bytes, bytes], _Prepared] = {}
         # What the cache was filled from, and that runtime's router for this port.
         self._cached_for: Runtime | None = None
@@ -223,8 +236,7 @@ class Dispatcher:
         )
 
     def finished(self, ex: Exchange) -> None:
-        proxy = self.proxy
-        metrics = proxy.metrics
+        metrics = self._metrics
         if metrics is not None:
             stats = cast("ClusterStats | None", ex.tag)
             if stats is None:
@@ -232,6 +244,6 @@ class Dispatcher:
             else:
                 stats.active -= 1
             stats.record(ex)
-        access_log = proxy.access_log
+        access_log = self._access_log
         if access_log is not None:
             access_log.log(ex)

@@ -126,9 +126,12 @@ def _as_bytes(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else data
 
 
+_xxh64_intdigest: Final = xxhash.xxh64_intdigest  # compiled, a module attribute is a lookup
+
+
 def xxh64(data: bytes | str, seed: int = 0) -> int:
     """XXH64 (Envoy's ``HashUtil::xxHash64``); ``str`` is hashed as its UTF-8 bytes."""
-    return xxhash.xxh64_intdigest(_as_bytes(data), seed)
+    return _xxh64_intdigest(_as_bytes(data), seed)
 
 
 def murmur2_64(data: bytes | str, seed: int = _MURMUR2_SEED) -> int:

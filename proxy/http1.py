@@ -1362,8 +1362,9 @@ class HttpConnection(asyncio.Protocol):
         # The proxy's own headers count as received ones: a route edit may remove or set them.
         edit = fwd.request_headers
         edited = edit.drop if edit is not None else _NOTHING
+        own = not edited  # nothing removed: skip the four lookups below
         parts = [ex.method, b" ", target, b" HTTP/1.1\r\n"]
-        if b"host" not in edited:
+        if own or b"host" not in edited:
             parts.append(b"host: ")
             parts.append(authority)
             parts.append(_CRLF)
@@ -1379,12 +1380,12 @@ class HttpConnection(asyncio.Protocol):
                 parts.append(value)
                 parts.append(_CRLF)
         if self._xff:
-            if b"x-forwarded-for" not in edited:
+            if own or b"x-forwarded-for" not in edited:
                 xff = self._peer_ip if ex._xff is None else ex._xff + b", " + self._peer_ip
                 parts += (b"x-forwarded-for: ", xff, _CRLF)
-            if b"x-forwarded-proto" not in edited:
+            if own or b"x-forwarded-proto" not in edited:
                 parts.append(self._proto_line)
-        if b"x-request-id" not in edited:
+        if own or b"x-request-id" not in edited:
             parts.append(b"x-request-id: ")
             parts.append(ex.request_id)
             parts.append(_CRLF)

@@ -435,6 +435,8 @@ class UpstreamConnection(asyncio.Protocol):
             # any other coding means "read until close" (RFC 9112 §6.3).
             self._chunked = value.rstrip().lower().endswith(b"chunked")
         elif name == b"connection":  # the headers it names are hop-by-hop too
+            if value == b"keep-alive" or value == b"close":
+                return  # what nearly every response says: no set lookup, no lower()
             value = value.lower()
             if value not in _KEEP_ALIVE_TOKENS:
                 tokens = frozenset(t.strip() for t in value.split(b","))
