@@ -101,7 +101,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final, cast
@@ -270,11 +270,13 @@ def _date_line() -> bytes:
     return line
 
 
-def _header_lines(headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
-    parts: list[bytes] = []
-    for name, value in headers:
-        parts += (name, b": ", value, _CRLF)
-    return parts
+def _without(lines: list[bytes], drop: frozenset[bytes]) -> list[bytes]:
+    """Response head ``lines`` (see ``HttpConnection.head``) less the headers named in drop."""
+    kept = [lines[0]]
+    for i in range(1, len(lines), 4):
+        if lines[i] not in drop:
+            kept += lines[i : i + 4]
+    return kept
 
 
 class _StopParsing(Exception):
@@ -962,26 +964,27 @@ class HttpConnection(asyncio.Protocol):
             conn.abandon()
 
     # ================================================================== ResponseSink
-    def interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def interim(self, status: int, lines: list[bytes]) -> None:
+        """A 1xx head; ``lines`` as for :meth:`head`."""
         ex = self._active
         if ex is None or ex.version != b"1.1":
             return  # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client
-        parts = [_status_line(status)]
-        parts += _header_lines(headers)  # hop-by-hop ones never reach the list
-        parts.append(_CRLF)
-        self._wbuf.append(b"".join(parts))
+        lines[0] = _status_line(status)
+        lines.append(_CRLF)
+        self._wbuf.append(b"".join(lines))
 
     def head(
         self,
         status: int,
-        headers: list[tuple[bytes, bytes]],
+        lines: list[bytes],
         content_length: bytes | None,
         no_body: bool,
         connection_tokens: frozenset[bytes],
         upgrade_to: bytes | None,
     ) -> None:
-        """The final response head. ``headers`` holds no hop-by-hop header and no
-        content-length (the upstream keeps them out): framing is ours to write."""
+        """The final response head. ``lines`` is ours to finish: a slot for the status line,
+        then name, ": ", value, CRLF for each header but the hop-by-hop ones and
+        content-length, which the upstream keeps out (framing is ours to write)."""
         ex = self._active
         fwd = self._forward
         assert ex is not None and fwd is not None
@@ -1003,14 +1006,8 @@ class HttpConnection(asyncio.Protocol):
         edit = fwd.response_headers
         if edit is not None:
             drop = drop | edit.drop
-        parts = [_STATUS_LINES.get(status) or _status_line(status)]
-        for name, value in headers:
-            if not drop or name not in drop:
-                # Four appends, not parts += (...): compiled, that builds a tuple per header.
-                parts.append(name)
-                parts.append(b": ")
-                parts.append(value)
-                parts.append(_CRLF)
+        parts = _without(lines, drop) if drop else lines
+        parts[0] = _STATUS_LINES.get(status) or _status_line(status)
         if upgraded:
             self._mode = _M_NONE
             if upgrade_to is not None:

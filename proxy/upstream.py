@@ -208,7 +208,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_got_bytes",
         "_head_bytes",
         "_head_only",
-        "_headers",
+        "_lines",
         "_parser",
         "_parser_stale",
         "_reading_paused",
@@ -248,7 +248,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = False
         self._upgrade = False
         self._final = False  # final (non-1xx) head delivered
-        self._headers: list[tuple[bytes, bytes]] = []
+        # The head's header lines as the sink writes them: a slot for its status line, then
+        # name, ": ", value, CRLF per header (no tuple per header, no second pass to copy).
+        self._lines: list[bytes] = [b""]
         self._content_length: bytes | None = None
         self._chunked = False
         self._conn_tokens = _NO_TOKENS
@@ -409,7 +411,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._sink is None:
             raise _Unexpected
-        self._headers = []
+        self._lines = [b""]
         self._content_length = None
         self._chunked = False
         self._conn_tokens = _NO_TOKENS
@@ -425,7 +427,11 @@ class UpstreamConnection(asyncio.Protocol):
         if (n == 10 or n == 14 or n == 17 or n == 7 or n == 2 or n == 16) and name in _NOT_COPIED:
             self._not_copied(name, value)
         else:
-            self._headers.append((name, value))
+            lines = self._lines
+            lines.append(name)
+            lines.append(b": ")
+            lines.append(value)
+            lines.append(b"\r\n")
 
     def _not_copied(self, name: bytes, value: bytes) -> None:
         if name == b"content-length":
@@ -450,7 +456,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise _Unexpected
         status = self._parser.get_status_code()
         if status < 200 and status != 101:
-            sink.interim(status, self._headers)
+            sink.interim(status, self._lines)
             return
         if status == 101 and not self._upgrade:
             raise _Unexpected  # 101 to a request that did not ask for it
@@ -460,7 +466,7 @@ class UpstreamConnection(asyncio.Protocol):
         no_body = self._head_only or status in (204, 304)
         sink.head(
             status,
-            self._headers,
+            self._lines,
             self._content_length,
             no_body,
             self._conn_tokens,
