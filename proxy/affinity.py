@@ -180,7 +180,7 @@ def parse_cookie(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes:
     """
     if not cookie_name_can_match(name):
         return b""
-    return _find_cookie(headers, name)
+    return _find_cookie(list(headers), name)
 
 
 def cookie_name_can_match(name: bytes) -> bool:
@@ -189,7 +189,7 @@ def cookie_name_can_match(name: bytes) -> bool:
     return bool(name) and not name.partition(b";")[1] and not name.partition(b"=")[1]
 
 
-def _find_cookie(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes:
+def _find_cookie(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
     """``parse_cookie`` for a name that can match, without splitting the line.
 
     An occurrence of the name matches when an "=" follows it and only spaces lie between it
@@ -245,7 +245,7 @@ def query_first_value(target: bytes, name: bytes) -> bytes | None:
     return None
 
 
-def _header_hash(headers: Sequence[tuple[bytes, bytes]], name: bytes, inline: bool) -> int | None:
+def _header_hash(headers: list[tuple[bytes, bytes]], name: bytes, inline: bool) -> int | None:
     values = [raw.strip(_OWS) for header, raw in headers if header == name]
     if not values:
         return None
@@ -322,7 +322,7 @@ class Affinity:
 
     def compute(
         self,
-        headers: Sequence[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes]],
         target: bytes,
         remote: tuple[str, int],
         local: tuple[str, int],

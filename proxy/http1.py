@@ -385,7 +385,7 @@ class HttpConnection(asyncio.Protocol):
             self._sock = (sock[0], sock[1])
         if self._shared.connections is not None:
             self._shared.connections.add(self)
-        self._go_idle()
+        self._go_idle(self._loop.time())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -928,7 +928,7 @@ class HttpConnection(asyncio.Protocol):
         elif self._eof:
             self._close()
         else:
-            self._go_idle()
+            self._go_idle(ex.end)  # read from the loop clock just now, in _finished
 
     def _activate_next(self) -> None:
         if self._closed or self._active is not None or not self._queue:
@@ -1275,8 +1275,8 @@ class HttpConnection(asyncio.Protocol):
     # new deadline and sleeps again. A timer is replaced only when a deadline moves earlier
     # (idle 1 h -> a 15 s response timeout), so on a busy keep-alive connection with a route
     # timeout the cost is one timer per timeout period instead of two timer calls per request.
-    def _go_idle(self) -> None:
-        self._idle_since = now = self._loop.time()
+    def _go_idle(self, now: float) -> None:
+        self._idle_since = now
         if self._timer is None or self._timer_at > now + self._idle_timeout:
             self._set_deadline(now + self._idle_timeout)
 

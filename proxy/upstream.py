@@ -422,33 +422,40 @@ class UpstreamConnection(asyncio.Protocol):
             return  # trailers: HTTP/1.1 to the client has no place for them, like Envoy
         name = name.lower()
         n = len(name)
-        # Every name in _NOT_COPIED has one of these lengths: an int compare spares hashing
-        # the other names (compiled, a set lookup costs more than the rest of this call).
-        if (n == 10 or n == 14 or n == 17 or n == 7 or n == 2 or n == 16) and name in _NOT_COPIED:
-            self._not_copied(name, value)
-        else:
-            lines = self._lines
-            lines.append(name)
-            lines.append(b": ")
-            lines.append(value)
-            lines.append(b"\r\n")
+        # Only names of these lengths can be one we act on: one int compare spares the others
+        # any lookup (compiled, hashing a fresh name costs more than the rest of this call).
+        if (n == 10 or n == 14 or n == 17 or n == 7 or n == 2 or n == 16) and self._not_copied(
+            name, value
+        ):
+            return
+        lines = self._lines
+        lines.append(name)
+        lines.append(b": ")
+        lines.append(value)
+        lines.append(b"\r\n")
 
-    def _not_copied(self, name: bytes, value: bytes) -> None:
+    def _not_copied(self, name: bytes, value: bytes) -> bool:
+        """Act on a hop-by-hop header or content-length (True), or say it is neither."""
         if name == b"content-length":
             self._content_length = value
+        elif name == b"connection":  # the headers it names are hop-by-hop too
+            if value != b"keep-alive" and value != b"close":  # what nearly every response says
+                self._connection_tokens(value)
         elif name == b"transfer-encoding":
             # llhttp only treats the body as chunked when chunked is the last coding;
             # any other coding means "read until close" (RFC 9112 §6.3).
             self._chunked = value.rstrip().lower().endswith(b"chunked")
-        elif name == b"connection":  # the headers it names are hop-by-hop too
-            if value == b"keep-alive" or value == b"close":
-                return  # what nearly every response says: no set lookup, no lower()
-            value = value.lower()
-            if value not in _KEEP_ALIVE_TOKENS:
-                tokens = frozenset(t.strip() for t in value.split(b","))
-                self._conn_tokens |= tokens - _KEEP_ALIVE_TOKENS
         elif name == b"upgrade":
             self._upgrade_to = value
+        elif name not in _NOT_COPIED:
+            return False
+        return True
+
+    def _connection_tokens(self, value: bytes) -> None:
+        value = value.lower()
+        if value not in _KEEP_ALIVE_TOKENS:
+            tokens = frozenset(t.strip() for t in value.split(b","))
+            self._conn_tokens |= tokens - _KEEP_ALIVE_TOKENS
 
     def on_headers_complete(self) -> None:
         sink = self._sink
