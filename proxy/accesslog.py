@@ -48,6 +48,9 @@ MAX_BATCHES: Final = 256
 
 
 _PROTOCOLS: Final = {b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0"}
+# Text of the numbers most lines carry (statuses, milliseconds, small sizes): formatting an int
+# costs more than a few fields' worth of the rest of the line.
+_NUMBERS: Final = tuple(str(i) for i in range(1024))
 _quote: Final = json.encoder.encode_basestring_ascii  # C, ~0.1 us
 
 
@@ -60,6 +63,10 @@ def _xff_and_agent(ex: Exchange) -> tuple[str | None, str | None]:
         elif key == b"x-forwarded-for":
             xff = value.decode("latin-1")
     return xff, agent
+
+
+def _number(n: int) -> str:
+    return _NUMBERS[n] if 0 <= n < 1024 else str(n)
 
 
 def _json_text(value: str | None) -> str:
@@ -117,8 +124,8 @@ class AccessLog:
         return (
             f'[{self._start_time(ex)}] "{ex.method.decode("latin-1") or "-"} '
             f'{ex.target.decode("latin-1") or "-"} {_PROTOCOLS.get(ex.version, "-")}" '
-            f"{ex.status} {ex.flags} {ex.bytes_received} {ex.bytes_sent} "
-            f"{int((ex.end - ex.start) * 1000)} - "
+            f"{_number(ex.status)} {ex.flags} {_number(ex.bytes_received)} "
+            f"{_number(ex.bytes_sent)} {_number(int((ex.end - ex.start) * 1000))} - "
             f'"{xff or "-"}" "{agent or "-"}" "{ex.request_id.decode("latin-1") or "-"}" '
             f'"{ex.authority.decode("latin-1") if ex.authority else "-"}" '
             f'"{ex.upstream or "-"}"\n'
@@ -134,9 +141,10 @@ class AccessLog:
         return (
             f'{{"start_time":"{self._start_time(ex)}","method":{_json_text(method)},'
             f'"path":{_json_text(path)},"protocol":"{_PROTOCOLS.get(ex.version, "-")}",'
-            f'"response_code":{ex.status},"response_flags":"{ex.flags}",'
-            f'"bytes_received":{ex.bytes_received},"bytes_sent":{ex.bytes_sent},'
-            f'"duration":{int((ex.end - ex.start) * 1000)},"upstream_service_time":null,'
+            f'"response_code":{_number(ex.status)},"response_flags":"{ex.flags}",'
+            f'"bytes_received":{_number(ex.bytes_received)},'
+            f'"bytes_sent":{_number(ex.bytes_sent)},'
+            f'"duration":{_number(int((ex.end - ex.start) * 1000))},"upstream_service_time":null,'
             f'"x_forwarded_for":{_json_text(xff)},"user_agent":{_json_text(agent)},'
             f'"request_id":{_json_text(rid)},"authority":{_json_text(authority)},'
             f'"upstream_host":{_json_text(ex.upstream)}}}\n'
