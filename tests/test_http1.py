@@ -351,6 +351,30 @@ async def test_expect_100_continue(backend, proxy, pools, forward_all, raw_clien
     assert header_values(echoed, "expect") == ["100-continue"]
 
 
+async def test_http_version_read_however_the_head_arrives(
+    backend, proxy, pools, forward_all, raw_client
+):
+    # The version is read from the bytes when a read starts with the request line, else from
+    # the parser: a head in pieces, a pipelined request, a blank line first must all agree.
+    be = await backend(echo_app())
+    dispatcher = forward_all(pools(be.port))
+    port = await proxy(dispatcher)
+    client = await raw_client(port)
+    for line in (b"GET /split HTTP/1.0\r\n", b"Connection: keep-alive\r\n", b"\r\n"):
+        await client.send(line)  # separate segments (the proxy may still read them as one)
+    resp = await client.read_response()
+    assert resp.status == 200 and resp.header("connection") == "keep-alive"
+    await client.send(b"\r\nGET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.0\r\n\r\n")
+    assert [(await client.read_response()).status for _ in range(2)] == [200, 200]
+    assert await client.at_eof()  # an HTTP/1.0 request without keep-alive ends it
+    done = await dispatcher.wait_finished(3)
+    assert [(e.target, e.version) for e in done] == [
+        (b"/split", b"1.0"),
+        (b"/a", b"1.1"),
+        (b"/b", b"1.0"),
+    ]
+
+
 async def test_pipelined_requests_answered_in_order(backend, proxy, pools, forward_all, raw_client):
     app = web.Application()
     arrived, release = asyncio.Event(), asyncio.Event()
