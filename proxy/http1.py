@@ -963,7 +963,7 @@ class HttpConnection(asyncio.Protocol):
             self._upstream = None
             conn.abandon()
 
-    # ================================================================== ResponseSink
+    # ================================================================== the upstream sink
     def interim(self, status: int, lines: list[bytes]) -> None:
         """A 1xx head; ``lines`` as for :meth:`head`."""
         ex = self._active

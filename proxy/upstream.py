@@ -8,11 +8,11 @@ running loop lazily and never assumes it was built inside one.
 
 An :class:`UpstreamConnection` carries one exchange at a time (no pipelining upstream: a response
 can be matched to its request only by order, and a reset would then lose every request behind
-it). While it serves an exchange it is *attached* to a :class:`ResponseSink` — the downstream
-connection, ``http1.HttpConnection`` — and reports the response through a handful of calls:
+it). While it serves an exchange it is *attached* to its sink — the downstream connection,
+``http1.HttpConnection`` — and reports the response through a handful of calls:
 
-    interim(status, headers)     1xx other than 101, zero or more times
-    head(status, headers, ...)   the final response head
+    interim(status, lines)       1xx other than 101, zero or more times
+    head(status, lines, ...)     the final response head
     body(data) ... end()         body bytes as httptools delivers them, then the end
     tunnel(data)                 after 101: raw bytes from the upstream
     failed(reason, retryable)    the connection died or spoke garbage; the sink maps it to
@@ -59,6 +59,8 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 
+from proxy.exchange import HOP_BY_HOP
+
 if TYPE_CHECKING:
     # The sink is typed as the one class that implements it, not as a Protocol: compiled, a
     # call through a Protocol is a Python method call, a call on a native class a C call.
@@ -82,7 +84,7 @@ logger = logging.getLogger("proxy.upstream")
 
 MAX_RESPONSE_HEAD: Final = 60 * 1024  # Envoy's max_response_headers_kb default
 
-# Why an attached exchange failed (argument of ResponseSink.failed).
+# Why an attached exchange failed (argument of HttpConnection.failed).
 RESET: Final = 1  # connection closed/reset by the upstream before the response ended
 PROTOCOL_ERROR: Final = 2  # the upstream sent something that is not HTTP/1.x
 
@@ -95,20 +97,11 @@ UNLIMITED: Final = 2**32 - 1  # Envoy's "no limit" for circuit breakers (Istio's
 
 _KEEP_ALIVE_TOKENS: Final = frozenset({b"close", b"keep-alive"})
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
-# Response headers the proxy acts on and never copies: hop-by-hop ones (RFC 9110 §7.6.1) and
-# content-length, which the sink writes itself from the framing it chooses.
-_NOT_COPIED: Final = frozenset(
-    {
-        b"connection",
-        b"content-length",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
+# Response headers the proxy acts on and never copies: hop-by-hop ones and content-length,
+# which the sink writes itself from the framing it chooses.
+_NOT_COPIED: Final = HOP_BY_HOP | {b"content-length"}
+# on_header only looks up names of these lengths (literals there, for speed): keep them in step.
+assert {len(name) for name in _NOT_COPIED} == {2, 7, 10, 14, 16, 17}
 
 
 class HostMonitor(Protocol):
