@@ -216,6 +216,17 @@ def _find_cookie(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
     return b""
 
 
+def cookie_line(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The request's one Cookie line (``b""`` without one); None when it has several."""
+    found: bytes | None = b""
+    seen = False
+    for header, raw in headers:
+        if header == _COOKIE:
+            found = None if seen else raw
+            seen = True
+    return found
+
+
 def _piece_starts(before: bytes) -> bool:
     """Whether a piece's key starts right after ``before``: the line text ahead of it."""
     _, semicolon, piece = before.rpartition(b";")
@@ -277,6 +288,7 @@ class Affinity:
         "_set_cookie_prefix",
         "_set_cookie_suffix",
         "_steps",
+        "cookie_only",
         "cookie_policy",
         "generates_cookie",
         "policies",
@@ -308,6 +320,8 @@ class Affinity:
             else:
                 steps.append((_KIND_SOURCE_IP, b"", False, policy.terminal))
         self._steps: tuple[tuple[int, bytes, bool, bool], ...] = tuple(steps)
+        # Then a request's hash depends on its Cookie line and its connection alone.
+        self.cookie_only: bool = all(step[0] == _KIND_COOKIE for step in steps)
         self.generates_cookie: bool = generator is not None
         self.cookie_policy: CookiePolicy | None = generator or first_cookie
         self._set_cookie_prefix = b""

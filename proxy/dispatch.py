@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, cast
 
+from proxy.affinity import Affinity, cookie_line
 from proxy.cluster import Balancer, next_distinct
 from proxy.http1 import Exchange, Forward, LocalReply
 from proxy.retry import retry_plan
@@ -120,6 +121,41 @@ class _Prepared:
         self.plan = retry_plan(decision.retries)
 
 
+class _Memo:
+    """One connection's last route and session hash (``Exchange.memo``).
+
+    A client on a keep-alive connection mostly repeats its Host, target and Cookie line, so
+    the next request of the connection is checked against the last one with a few byte
+    compares before anything is hashed, looked up or parsed. Only what is a function of those
+    inputs is kept: a route only when the route cache could hold it, a hash only for a
+    cookie-only policy (a generated cookie depends on the connection, the same for every
+    request on it). The endpoint is picked afresh from the current snapshot every time.
+    """
+
+    __slots__ = (
+        "affinity",
+        "authority",
+        "cookie",
+        "hash",
+        "method",
+        "route",
+        "runtime",
+        "set_cookie",
+        "target",
+    )
+
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+        self.authority: bytes | None = None
+        self.method = b""
+        self.target = b""
+        self.route: _Prepared | None = None
+        self.affinity: Affinity | None = None
+        self.cookie = b""
+        self.hash: int | None = None
+        self.set_cookie: bytes | None = None
+
+
 # Distinct (Host, method, target) triples remembered per listener before the cache starts over.
 ROUTE_CACHE_SIZE: Final = 4096
 
@@ -156,7 +192,14 @@ class Dispatcher:
         self._router: Router | None = None
         self._cacheable = False
 
-    def _route(self, runtime: Runtime, ex: Exchange) -> _Prepared | None:
+    def _route(self, runtime: Runtime, ex: Exchange, memo: _Memo) -> _Prepared | None:
+        if (
+            memo.runtime is runtime
+            and memo.target == ex.target
+            and memo.authority == ex.authority
+            and memo.method == ex.method
+        ):
+            return memo.route
         if runtime is not self._cached_for:
             self._cache.clear()
             self._cached_for = runtime
@@ -172,6 +215,7 @@ class Dispatcher:
         if cacheable:
             found = self._cache.get(key)
             if found is not None:
+                self._remember(memo, runtime, ex, found)
                 return found
         target = ex.target.decode("latin-1")
         headers = _headers_map(ex.headers) if router.needs_headers else _EMPTY
@@ -185,11 +229,39 @@ class Dispatcher:
             if len(self._cache) >= ROUTE_CACHE_SIZE:
                 self._cache.clear()
             self._cache[key] = prepared
+            self._remember(memo, runtime, ex, prepared)
         return prepared
+
+    @staticmethod
+    def _remember(memo: _Memo, runtime: Runtime, ex: Exchange, route: _Prepared) -> None:
+        memo.runtime = runtime
+        memo.authority = ex.authority
+        memo.method = ex.method
+        memo.target = ex.target
+        memo.route = route
+
+    @staticmethod
+    def _session(memo: _Memo, affinity: Affinity, ex: Exchange) -> tuple[int | None, bytes | None]:
+        """The request's hash and the Set-Cookie line to answer with (None: no new cookie)."""
+        line = cookie_line(ex.headers) if affinity.cookie_only else None
+        if line is not None and memo.affinity is affinity and memo.cookie == line:
+            return memo.hash, memo.set_cookie
+        hash_, generated = affinity.compute(ex.headers, ex.target, ex.peer, ex.sock)
+        set_cookie = None if generated is None else affinity.set_cookie_header(generated)
+        if line is not None:
+            memo.affinity = affinity
+            memo.cookie = line
+            memo.hash = hash_
+            memo.set_cookie = set_cookie
+        return hash_, set_cookie
 
     def dispatch(self, ex: Exchange) -> Forward | LocalReply:
         runtime = self.proxy.runtime
-        route = self._route(runtime, ex)
+        memo = ex.memo
+        if not isinstance(memo, _Memo):
+            memo = _Memo()
+            ex.memo = memo
+        route = self._route(runtime, ex, memo)
         if route is None:
             ex.flags = "NR"
             return NO_ROUTE
@@ -212,11 +284,9 @@ class Dispatcher:
         hash_: int | None = None
         affinity = route.affinity
         if affinity is not None:
-            hash_, generated = affinity.compute(ex.headers, ex.target, ex.peer, ex.sock)
-            if generated is not None:
-                set_cookie = affinity.set_cookie_header(generated)
-                if stats is not None:
-                    stats.cookies += 1
+            hash_, set_cookie = self._session(memo, affinity, ex)
+            if set_cookie is not None and stats is not None:
+                stats.cookies += 1
         keyed = hash_ is not None
         if hash_ is None:
             hash_ = random.getrandbits(64)

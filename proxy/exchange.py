@@ -189,6 +189,7 @@ class Exchange:
         "end",
         "flags",
         "headers",
+        "memo",
         "method",
         "peer",
         "request_id",
@@ -220,6 +221,9 @@ class Exchange:
         self.request_id = b""
         self.retries = 0
         self.tag: object = None  # the dispatcher's own per-exchange state (http1 ignores it)
+        # The dispatcher's own per-connection state: http1 hands each exchange the value the
+        # previous one of its connection left here, and never looks inside.
+        self.memo: object = None
         # http1-private request state (lives here so a queued request carries it along)
         self._keep_alive = True
         self._upgrade: bytes | None = None  # Upgrade header value of an upgrade request

@@ -349,6 +349,7 @@ class HttpConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._wbuf: list[bytes] = []
+        self._memo: object = None  # the dispatcher's, carried from one exchange to the next
 
         # per-request state (the active exchange)
         self._active: Exchange | None = None
@@ -641,8 +642,10 @@ class HttpConnection(asyncio.Protocol):
         if ex._error is not None:
             self._local_reply(ex, ex._error[0], ex._error[1], close=True)
             return
+        ex.memo = self._memo
         try:
             decision = self._dispatcher.dispatch(ex)
+            self._memo = ex.memo
         except Exception:
             logger.exception("dispatch failed for %r", ex)
             decision = LocalReply(500, b"internal error")

@@ -14,6 +14,7 @@ from proxy.affinity import (
     HeaderPolicy,
     QueryParameterPolicy,
     SourceIPPolicy,
+    cookie_line,
     format_address,
     generated_cookie_value,
     parse_cookie,
@@ -389,3 +390,19 @@ def test_parse_cookie_matches_the_split_reference(lines: list[bytes], name: byte
 def test_parse_cookie_empty_name_matches_nothing() -> None:
     # Istio requires httpCookie.name, so no policy asks for ""; Envoy would match "=v".
     assert parse_cookie([(b"cookie", b"=v; a=1")], b"") == b""
+
+
+def test_cookie_line_is_the_one_cookie_header_or_none_for_several() -> None:
+    host = (b"host", b"test.com")
+    assert cookie_line([host]) == b""
+    assert cookie_line([host, (b"cookie", b"ISTIOID=a")]) == b"ISTIOID=a"
+    assert cookie_line([(b"cookie", b"a=1"), host, (b"cookie", b"ISTIOID=a")]) is None
+
+
+def test_only_cookie_policies_make_a_cookie_only_affinity() -> None:
+    cookie = CookiePolicy(name="ISTIOID", ttl=60)
+    assert Affinity([cookie]).cookie_only
+    assert Affinity([cookie, CookiePolicy(name="other")]).cookie_only
+    assert not Affinity([cookie, HeaderPolicy(name="x-user")]).cookie_only
+    assert not Affinity([QueryParameterPolicy(name="u"), cookie]).cookie_only
+    assert not Affinity([SourceIPPolicy()]).cookie_only

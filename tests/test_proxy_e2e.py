@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from proxy.affinity import format_address, generated_cookie_value
-from proxy.config import Config
+from proxy.config import Config, load_config
 from proxy.demo import PodSet
 from proxy.hashing import Maglev, RingHash, xxh64
 from proxy.istio import load_text
@@ -290,3 +290,66 @@ async def test_weighted_split_is_decided_per_request_not_remembered(
     async with running(_split_config(pods)) as url:
         seen = Counter([await get_pod(session, url + "/same") for _ in range(60)])
     assert set(seen) == {pods.names[0], pods.names[1]}
+
+
+async def _ask(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, *lines: str
+) -> tuple[int, dict[str, str], str | None]:
+    """One request on an open connection: status, lower-cased headers, the pod that answered."""
+    extra = "".join(f"{line}\r\n" for line in lines)
+    writer.write(f"GET /same HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode())
+    head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+    fields = {n.lower(): v for n, _, v in (line.partition(": ") for line in head[1:] if line)}
+    body = await reader.readexactly(int(fields["content-length"]))
+    pod = json.loads(body)["pod"] if head[0].endswith("200 OK") else None
+    return int(head[0].split()[1]), fields, pod
+
+
+async def test_one_connection_routes_and_hashes_each_request_on_its_own(
+    pods: PodSet, tmp_path: Path
+) -> None:
+    # The dispatcher remembers a connection's last route and hash (keep-alive clients repeat
+    # them): any change of Cookie, Host or config between two requests must still count.
+    ring = RingHash(dict.fromkeys(keys(pods), 1))
+    names = [f"user-{i}" for i in range(40)]
+    a = names[0]
+    b = next(n for n in names if ring.pick(xxh64(n)) != ring.pick(xxh64(a)))
+    c = next(n for n in names if ring.pick(xxh64(n)) not in {ring.pick(xxh64(x)) for x in (a, b)})
+    config = tmp_path / "istio.yaml"
+    config.write_text(ARTICLE + "\n---\n" + service_entry(pods.addresses))
+    options = RunOptions(listen=(("127.0.0.1", 0),), config_paths=(str(config),))
+    proxy = Proxy(load_config([str(config)]), options)
+    await proxy.start()
+    host, port = proxy.addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+
+        def on(key: str) -> str:
+            return pod_of(pods, ring.pick(xxh64(key)))
+
+        for key in (a, b, a, a, c, b):
+            status, fields, pod = await _ask(reader, writer, "test.com", f"Cookie: ISTIOID={key}")
+            assert (status, pod, "set-cookie" in fields) == (200, on(key), False), key
+        # A new visitor, twice on the same connection: the same generated value both times.
+        local = writer.get_extra_info("sockname")
+        value = generated_cookie_value(format_address(*local[:2]), f"{host}:{port}")
+        for _ in range(2):
+            status, fields, pod = await _ask(reader, writer, "test.com")
+            assert fields["set-cookie"] == f'ISTIOID="{value}"; Max-Age=60; HttpOnly'
+            assert pod == on(value)
+        # Two Cookie lines: the cookie is found in the second one.
+        status, fields, pod = await _ask(
+            reader, writer, "test.com", "Cookie: other=1", f"Cookie: ISTIOID={c}"
+        )
+        assert (pod, "set-cookie" in fields) == (on(c), False)
+        status, _, _ = await _ask(reader, writer, "unknown.example", f"Cookie: ISTIOID={a}")
+        assert status == 404
+        assert (await _ask(reader, writer, "test.com", f"Cookie: ISTIOID={a}"))[2] == on(a)
+        # A reload that renames the cookie applies to the very next request on the connection.
+        config.write_text(config.read_text().replace("name: ISTIOID", "name: SESSION"))
+        assert await proxy.reload()
+        _, fields, pod = await _ask(reader, writer, "test.com", f"Cookie: ISTIOID={a}; SESSION={b}")
+        assert (pod, "set-cookie" in fields) == (on(b), False)
+    finally:
+        writer.close()
+        await proxy.stop(grace=2)
