@@ -97,6 +97,8 @@ UNLIMITED: Final = 2**32 - 1  # Envoy's "no limit" for circuit breakers (Istio's
 
 _KEEP_ALIVE_TOKENS: Final = frozenset({b"close", b"keep-alive"})
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+# Called through the descriptor: compiled, ``name.lower()`` looks the method up on every call.
+_LOWER: Final = bytes.lower
 # Response headers the proxy acts on and never copies: hop-by-hop ones and content-length,
 # which the sink writes itself from the framing it chooses.
 _NOT_COPIED: Final = HOP_BY_HOP | {b"content-length"}
@@ -413,7 +415,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._final:
             return  # trailers: HTTP/1.1 to the client has no place for them, like Envoy
-        name = name.lower()
+        name = _LOWER(name)
         n = len(name)
         # Only names of these lengths can be one we act on: one int compare spares the others
         # any lookup (compiled, hashing a fresh name costs more than the rest of this call).
