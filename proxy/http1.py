@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import os
@@ -119,6 +120,7 @@ from proxy.exchange import (
 )
 from proxy.retry import RetryPlan
 from proxy.upstream import (
+    FLUSH_NOW,
     OPEN,
     PROTOCOL_ERROR,
     QUEUED,
@@ -296,7 +298,15 @@ class _RequestError(Exception):
 class _Shared:
     """Per-listener state every connection reads (copied onto the connection at creation)."""
 
-    __slots__ = ("connections", "dispatcher", "request_drop", "server_line", "settings")
+    __slots__ = (
+        "batch",
+        "connections",
+        "dispatcher",
+        "holding",
+        "request_drop",
+        "server_line",
+        "settings",
+    )
 
     def __init__(
         self, dispatcher: Dispatcher, settings: ServerSettings, connections: Connections | None
@@ -307,6 +317,30 @@ class _Shared:
         forwarding = _FORWARDING if settings.xff else _NOTHING
         self.request_drop = HOP_BY_HOP | _REQUEST_OWN | forwarding
         self.server_line = b"server: " + settings.server_name.encode() + _CRLF
+        # HttpConnection.flush_soon: from the first write of a loop iteration until
+        # flush_batch runs, writes are held; these connections hold some.
+        self.holding = False
+        self.batch: list[HttpConnection] = []
+
+    def flush_batch(self) -> None:
+        """Send the writes held in the loop iteration that just ended, and stop holding."""
+        self.holding = False
+        batch = self.batch
+        if not batch:
+            return
+        self.batch = []
+        for conn in batch:
+            conn._batched = False
+            try:
+                up = conn._upstream
+                if up is not None:
+                    up.flush()
+                conn.flush()
+            except Exception:  # one broken connection must not hold the others' writes back
+                logger.exception("flush failed for %r", conn)
+                conn._wbuf.clear()
+                with contextlib.suppress(Exception):
+                    conn._abort()
 
 
 # --------------------------------------------------------------------------- the connection
@@ -350,6 +384,7 @@ class HttpConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._wbuf: list[bytes] = []
+        self._batched = False  # in _shared.batch: its writes go out at the iteration's end
         self._memo: object = None  # the dispatcher's, carried from one exchange to the next
 
         # per-request state (the active exchange)
@@ -457,6 +492,9 @@ class HttpConnection(asyncio.Protocol):
             self._fresh = b""
         if self._head_open:
             self._head_still_open(len(data), head_was_open and messages == self._messages)
+        if len(data) < FLUSH_NOW:
+            self.flush_soon()
+            return
         up = self._upstream
         if up is not None:
             up.flush()
@@ -921,7 +959,7 @@ class HttpConnection(asyncio.Protocol):
             self._release_retry_slot()
         if self._paused:
             self._resume(_P_UPSTREAM | _P_CONNECTING)
-        self.flush()
+        self.flush_soon()
         self._finished(ex)
         if not self._keep or not ex._body_done or ex._upgrade is not None:
             self._close()
@@ -1114,6 +1152,33 @@ class HttpConnection(asyncio.Protocol):
             self._pause(_P_UPSTREAM)
         else:
             self._resume(_P_UPSTREAM)
+
+    def flush_soon(self) -> None:
+        """Write what is queued here and on the upstream side: at once when it is the first
+        write of this loop iteration, else with the others held since, once the iteration's
+        callbacks are done (:meth:`_Shared.flush_batch`).
+
+        Under load one iteration reads many connections. Writing each answer as its read
+        comes in makes the kernel deliver to, and wake, a peer per write; the same writes
+        sent back to back cost it much less. The first write goes at once, so that a lone
+        request waits for nothing and its peer starts on it while the rest are read
+        (holding every write instead lost 40 % of the throughput at 4 connections). Reads of
+        FLUSH_NOW bytes or more are flushed at once (:meth:`flush`): flow control of a
+        streamed body acts immediately and nothing large is ever held.
+        """
+        up = self._upstream
+        if self._batched or not (self._wbuf or (up is not None and up.pending())):
+            return
+        shared = self._shared
+        if shared.holding:
+            self._batched = True
+            shared.batch.append(self)
+            return
+        shared.holding = True
+        self._loop.call_soon(shared.flush_batch)
+        if up is not None:
+            up.flush()
+        self.flush()
 
     def flush(self) -> None:
         buf = self._wbuf

@@ -353,3 +353,39 @@ async def test_one_connection_routes_and_hashes_each_request_on_its_own(
     finally:
         writer.close()
         await proxy.stop(grace=2)
+
+
+async def test_requests_arriving_together_are_each_answered_by_their_pod(pods: PodSet) -> None:
+    # Requests read in one loop iteration have their writes held and sent together at its end
+    # (HttpConnection.flush_soon): every one of them, upstream and back, must still go out.
+    ring = RingHash(dict.fromkeys(keys(pods), 1))
+    async with running(article_config(pods.addresses)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        conns = [await asyncio.open_connection(host, int(port)) for _ in range(30)]
+        try:
+            for round_ in range(3):
+                for i, (_, writer) in enumerate(conns):
+                    cookie = f"ISTIOID=u{i}-{round_}"
+                    writer.write(
+                        f"GET / HTTP/1.1\r\nHost: test.com\r\nCookie: {cookie}\r\n\r\n".encode()
+                    )
+                answers = await asyncio.wait_for(
+                    asyncio.gather(*(_read_answer(reader) for reader, _ in conns)), 10
+                )
+                expected = [pod_of(pods, ring.pick(xxh64(f"u{i}-{round_}"))) for i in range(30)]
+                assert answers == expected
+        finally:
+            for _, writer in conns:
+                writer.close()
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> str:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    length = next(
+        int(line.split(":", 1)[1])
+        for line in head.split("\r\n")
+        if line.lower().startswith("content-length:")
+    )
+    pod = json.loads(await reader.readexactly(length))["pod"]
+    assert isinstance(pod, str)
+    return pod
