@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from proxy.affinity import Affinity, cookie_line
 from proxy.cluster import Balancer, next_distinct
+from proxy.hashing import Maglev, RingHash
 from proxy.http1 import Exchange, Forward, LocalReply
 from proxy.retry import retry_plan
 from proxy.routing import RouteDecision
@@ -129,18 +130,24 @@ class _Memo:
     compares before anything is hashed, looked up or parsed. Only what is a function of those
     inputs is kept: a route only when the route cache could hold it, a hash only for a
     cookie-only policy (a generated cookie depends on the connection, the same for every
-    request on it). The endpoint is picked afresh from the current snapshot every time.
+    request on it), and the Forward built from them only while the cluster's snapshot is the
+    same object (any change of endpoints or health makes a new one) and its balancer is a
+    ring or Maglev table, whose pick is a function of the hash.
     """
 
     __slots__ = (
         "affinity",
         "authority",
         "cookie",
+        "forward",
+        "forward_hash",
+        "forward_route",
         "hash",
         "method",
         "route",
         "runtime",
         "set_cookie",
+        "snapshot",
         "target",
     )
 
@@ -154,6 +161,10 @@ class _Memo:
         self.cookie = b""
         self.hash: int | None = None
         self.set_cookie: bytes | None = None
+        self.snapshot: object = None
+        self.forward_route: _Prepared | None = None
+        self.forward_hash = 0
+        self.forward: Forward | None = None
 
 
 # Distinct (Host, method, target) triples remembered per listener before the cache starts over.
@@ -290,9 +301,17 @@ class Dispatcher:
         keyed = hash_ is not None
         if hash_ is None:
             hash_ = random.getrandbits(64)
+        elif (
+            memo.forward is not None
+            and memo.snapshot is snap
+            and memo.forward_route is route
+            and memo.forward_hash == hash_
+            and memo.forward.set_cookie is set_cookie
+        ):
+            return memo.forward  # the same table, route and key: the same endpoint and Forward
         key = balancer.pick(hash_)
         plan = route.plan
-        return Forward(
+        forward = Forward(
             snap.pools[key],
             target=route.target,
             authority=route.authority,
@@ -304,6 +323,12 @@ class Dispatcher:
             connect_retries=plan.connect_retries(len(balancer.hosts)) if plan is not None else 0,
             retry=plan,
         )
+        if keyed and isinstance(balancer, (RingHash, Maglev)):  # a pick is a function of the hash
+            memo.snapshot = snap
+            memo.forward_route = route
+            memo.forward_hash = hash_
+            memo.forward = forward
+        return forward
 
     def finished(self, ex: Exchange) -> None:
         metrics = self._metrics

@@ -350,6 +350,18 @@ async def test_one_connection_routes_and_hashes_each_request_on_its_own(
         assert await proxy.reload()
         _, fields, pod = await _ask(reader, writer, "test.com", f"Cookie: ISTIOID={a}; SESSION={b}")
         assert (pod, "set-cookie" in fields) == (on(b), False)
+        # So does a change of endpoints: a session whose pod left moves with the next request.
+        two = RingHash(dict.fromkeys(keys(pods)[:2], 1))
+        moved = next(n for n in names if ring.pick(xxh64(n)) == keys(pods)[2])
+        assert (await _ask(reader, writer, "test.com", f"Cookie: SESSION={moved}"))[2] == on(moved)
+        config.write_text(
+            ARTICLE.replace("name: ISTIOID", "name: SESSION")
+            + "\n---\n"
+            + service_entry(pods.addresses[:2])
+        )
+        assert await proxy.reload()
+        _, _, pod = await _ask(reader, writer, "test.com", f"Cookie: SESSION={moved}")
+        assert pod == pod_of(pods, two.pick(xxh64(moved)))
     finally:
         writer.close()
         await proxy.stop(grace=2)
@@ -389,3 +401,31 @@ async def _read_answer(reader: asyncio.StreamReader) -> str:
     pod = json.loads(await reader.readexactly(length))["pod"]
     assert isinstance(pod, str)
     return pod
+
+
+async def test_a_session_follows_its_pod_out_of_the_ring_on_the_same_connection(
+    pods: PodSet,
+) -> None:
+    # The dispatcher reuses a connection's last Forward only while the cluster snapshot it was
+    # picked from is current: a pod taken out (health, ejection) moves the very next request.
+    ring = RingHash(dict.fromkeys(keys(pods), 1))
+    cookie = next(f"s{i}" for i in range(100) if ring.pick(xxh64(f"s{i}")) == keys(pods)[0])
+    rest = RingHash(dict.fromkeys(keys(pods)[1:], 1))
+    proxy = Proxy(article_config(pods.addresses), LISTEN)
+    await proxy.start()
+    host, port = proxy.addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        (crt,) = proxy.runtime.clusters.values()
+        for _ in range(3):
+            _, _, pod = await _ask(reader, writer, "test.com", f"Cookie: ISTIOID={cookie}")
+            assert pod == pods.names[0]
+        crt.cluster.set_unhealthy({keys(pods)[0]})
+        _, _, pod = await _ask(reader, writer, "test.com", f"Cookie: ISTIOID={cookie}")
+        assert pod == pod_of(pods, rest.pick(xxh64(cookie))) != pods.names[0]
+        crt.cluster.set_unhealthy(())
+        _, _, pod = await _ask(reader, writer, "test.com", f"Cookie: ISTIOID={cookie}")
+        assert pod == pods.names[0]
+    finally:
+        writer.close()
+        await proxy.stop(grace=2)
