@@ -123,7 +123,7 @@ class _Prepared:
 
 
 class _Memo:
-    """One connection's last route and session hash (``Exchange.memo``).
+    """One connection's last route, session hash and Forward (``Exchange.memo``).
 
     A client on a keep-alive connection mostly repeats its Host, target and Cookie line, so
     the next request of the connection is checked against the last one with a few byte
