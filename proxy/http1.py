@@ -120,7 +120,6 @@ from proxy.exchange import (
 )
 from proxy.retry import RetryPlan
 from proxy.upstream import (
-    FLUSH_NOW,
     OPEN,
     PROTOCOL_ERROR,
     QUEUED,
@@ -218,6 +217,11 @@ _M_RAW: Final = 1
 _M_CHUNKED: Final = 2
 
 _BUFFER_LIMIT: Final = 64 * 1024  # body bytes held for a request not yet attached upstream
+# A read at least this large is relayed at once, not at the end of the loop iteration
+# (HttpConnection.flush_soon): libuv reads a socket again in the same iteration only after a
+# read that filled its buffer, so holding the smaller ones keeps at most one read per
+# connection waiting, and a streamed body's flow control acts as each large read arrives.
+FLUSH_NOW: Final = 32 * 1024
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -332,10 +336,7 @@ class _Shared:
         for conn in batch:
             conn._batched = False
             try:
-                up = conn._upstream
-                if up is not None:
-                    up.flush()
-                conn.flush()
+                conn._flush_both()
             except Exception:  # one broken connection must not hold the others' writes back
                 logger.exception("flush failed for %r", conn)
                 conn._wbuf.clear()
@@ -494,12 +495,8 @@ class HttpConnection(asyncio.Protocol):
             self._head_still_open(len(data), head_was_open and messages == self._messages)
         if len(data) < FLUSH_NOW:
             self.flush_soon()
-            return
-        up = self._upstream
-        if up is not None:
-            up.flush()
-        if self._wbuf:
-            self.flush()
+        else:
+            self._flush_both()
 
     # ================================================================== httptools callbacks
     def on_message_begin(self) -> None:
@@ -1176,6 +1173,18 @@ class HttpConnection(asyncio.Protocol):
             return
         shared.holding = True
         self._loop.call_soon(shared.flush_batch)
+        self._flush_both()
+
+    def flush_read(self, size: int) -> None:
+        """After the upstream relayed a read of ``size`` bytes here: hold it like any small
+        write (:meth:`flush_soon`), or send it now when it is large."""
+        if size < FLUSH_NOW:
+            self.flush_soon()
+        else:
+            self.flush()
+
+    def _flush_both(self) -> None:
+        up = self._upstream
         if up is not None:
             up.flush()
         self.flush()

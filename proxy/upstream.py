@@ -83,11 +83,6 @@ __all__ = [
 logger = logging.getLogger("proxy.upstream")
 
 MAX_RESPONSE_HEAD: Final = 60 * 1024  # Envoy's max_response_headers_kb default
-# A read at least this large is relayed at once, not at the end of the loop iteration
-# (HttpConnection.flush_soon): libuv reads a socket again in the same iteration only after a
-# read that filled its buffer, so holding the smaller ones keeps at most one read per
-# connection waiting, and a streamed body's flow control acts as each large read arrives.
-FLUSH_NOW: Final = 32 * 1024
 
 # Why an attached exchange failed (argument of HttpConnection.failed).
 RESET: Final = 1  # connection closed/reset by the upstream before the response ended
@@ -351,10 +346,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._tunnel:
             sink.tunnel(data)
-            if len(data) < FLUSH_NOW:
-                sink.flush_soon()
-            else:
-                sink.flush()
+            sink.flush_read(len(data))
             return
         self._got_bytes = True
         try:
@@ -378,10 +370,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self._head_bytes > MAX_RESPONSE_HEAD:
                 self._fail(PROTOCOL_ERROR)
                 return
-        if len(data) < FLUSH_NOW:
-            sink.flush_soon()  # with the other small writes of this loop iteration
-        else:
-            sink.flush()  # a body streaming in: relay it now, so flow control acts now
+        sink.flush_read(len(data))
 
     def eof_received(self) -> bool | None:
         return None  # close; connection_lost decides what the EOF meant
