@@ -20,6 +20,7 @@ from setuptools import setup
 # The modules every request runs through (and what they import on that path).
 COMPILED = [
     "proxy/exchange.py",
+    "proxy/framing.py",
     "proxy/http1.py",
     "proxy/upstream.py",
     "proxy/dispatch.py",

@@ -39,6 +39,7 @@ class ServerSettings:
     """Listener settings (defaults are Envoy's where Envoy has one)."""
 
     max_header_bytes: int = 60 * 1024
+    max_headers: int = 100  # Envoy's max_headers_count: more is a 431
     header_timeout: float = 60.0  # a client slower than this sending a head gets 408
     idle_timeout: float = 3600.0  # keep-alive connection with no request in flight
     max_pipeline: int = 32  # queued pipelined requests before we stop parsing and close after
@@ -51,6 +52,8 @@ class ServerSettings:
             raise ValueError("max_header_bytes must be at least 1024")
         if self.header_timeout <= 0 or self.idle_timeout <= 0:
             raise ValueError("timeouts must be > 0")
+        if self.max_headers < 1:
+            raise ValueError("max_headers must be >= 1")
         if self.max_pipeline < 1:
             raise ValueError("max_pipeline must be >= 1")
 

@@ -118,6 +118,7 @@ from proxy.exchange import (
     LocalReply,
     ServerSettings,
 )
+from proxy.framing import authority_ok, same_authority, split_absolute_form
 from proxy.retry import RetryPlan
 from proxy.upstream import (
     OPEN,
@@ -198,6 +199,7 @@ _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 _CONNECTION_TOKENS_IGNORED: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 _CRLF: Final = b"\r\n"
+_OWS: Final = b" \t"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _CHUNKED_LINE: Final = b"transfer-encoding: chunked\r\n"
 _CLOSE_LINE: Final = b"connection: close\r\n"
@@ -358,6 +360,7 @@ class HttpConnection(asyncio.Protocol):
         self._header_timeout = settings.header_timeout
         self._idle_timeout = settings.idle_timeout
         self._max_pipeline = settings.max_pipeline
+        self._max_headers = settings.max_headers
         self._xff = settings.xff
         self._proto_line = b"x-forwarded-proto: " + settings.proto.encode() + _CRLF
         self._request_drop = shared.request_drop
@@ -387,6 +390,7 @@ class HttpConnection(asyncio.Protocol):
         self._wbuf: list[bytes] = []
         self._batched = False  # in _shared.batch: its writes go out at the iteration's end
         self._memo: object = None  # the dispatcher's, carried from one exchange to the next
+        self._host_ok = b""  # the last Host found valid here (clients repeat theirs)
 
         # per-request state (the active exchange)
         self._active: Exchange | None = None
@@ -525,7 +529,10 @@ class HttpConnection(asyncio.Protocol):
         if self._head_bytes > self._max_head:
             raise _RequestError(431, b"request header fields too large")
         name = _LOWER(name)
-        ex.headers.append((name, value))
+        headers = ex.headers
+        if len(headers) >= self._max_headers:
+            raise _RequestError(431, b"too many headers")
+        headers.append((name, value))
         kind = _SPECIAL.get(name)
         if kind is not None:
             if kind == _H_HOST and ex.authority is None:
@@ -641,30 +648,40 @@ class HttpConnection(asyncio.Protocol):
             raise _RequestError(400, b"transfer-encoding in an HTTP/1.0 request")  # RFC 9112 §6.1
         if ex.method == b"CONNECT":
             raise _RequestError(405, b"CONNECT is not supported")
+        if ex.authority is None and ex.version == b"1.1":
+            raise _RequestError(400, b"missing host header")  # RFC 9112 §3.2, any target form
         target = ex.target
+        if b"#" in target:
+            raise _RequestError(400, b"invalid request target")  # a fragment: Envoy's 400 too
         if target[:1] != b"/":
-            if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            if target == b"*":
+                if ex.method != b"OPTIONS":
+                    raise _RequestError(400, b"invalid request target")
+            else:
                 self._absolute_form(ex)
-            elif target != b"*" or ex.method != b"OPTIONS":
-                raise _RequestError(400, b"invalid request target")
-        if ex.authority is None:
-            if ex.version == b"1.1":
-                raise _RequestError(400, b"missing host header")  # RFC 9112 §3.2
-            ex.authority = b""
+        authority = ex.authority
+        if authority is None:
+            ex.authority = b""  # HTTP/1.0 without Host
+        elif authority != self._host_ok:
+            if authority[-1:] == b" " or authority[-1:] == b"\t":
+                ex.authority = authority = authority.rstrip(_OWS)  # llhttp keeps trailing OWS
+            if not authority_ok(authority):
+                raise _RequestError(400, b"invalid host header")
+            self._host_ok = authority
         if ex._upgrade is not None and not self._parser.should_upgrade():
             ex._upgrade = None  # Upgrade without "Connection: upgrade" is just a header
 
     @staticmethod
     def _absolute_form(ex: Exchange) -> None:
-        try:
-            url = httptools.parse_url(ex.target)
-        except httptools.HttpParserInvalidURLError:
-            raise _RequestError(400, b"invalid request target") from None
-        if not url.host:
+        """RFC 9112 §3.2.2: the target's authority replaces Host (which must agree with it)."""
+        split = split_absolute_form(ex.target)
+        if split is None:
             raise _RequestError(400, b"invalid request target")
-        ex.authority = url.host if url.port is None else b"%s:%d" % (url.host, url.port)
-        path = url.path or b"/"
-        ex.target = path + b"?" + url.query if url.query is not None else path
+        authority, path = split
+        if ex.authority is not None and not same_authority(ex.authority, authority, ex.target):
+            raise _RequestError(400, b"host header does not match the request target")
+        ex.authority = authority
+        ex.target = path
 
     # ================================================================== exchange lifecycle
     def _activate(self, ex: Exchange) -> None:
