@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
+        b"http2-settings",  # only ever sent with "Upgrade: h2c", which we strip
         b"keep-alive",
         b"proxy-connection",
         b"te",
@@ -43,6 +44,8 @@ class ServerSettings:
     header_timeout: float = 60.0  # a client slower than this sending a head gets 408
     idle_timeout: float = 3600.0  # keep-alive connection with no request in flight
     max_pipeline: int = 32  # queued pipelined requests before we stop parsing and close after
+    # Upgrade protocols forwarded (lower case); h2c is always stripped, any other is a 403.
+    upgrades: frozenset[bytes] = frozenset({b"websocket"})
     xff: bool = True  # append the peer to x-forwarded-for, set x-forwarded-proto
     proto: str = "http"  # value of x-forwarded-proto
     server_name: str = "sticky-proxy"  # `server` header of local replies
@@ -56,6 +59,8 @@ class ServerSettings:
             raise ValueError("max_headers must be >= 1")
         if self.max_pipeline < 1:
             raise ValueError("max_pipeline must be >= 1")
+        if b"h2c" in self.upgrades or any(p != p.lower() for p in self.upgrades):
+            raise ValueError("upgrades are lower-case protocol names, h2c excluded (stripped)")
 
 
 def _check_header(name: bytes, value: bytes) -> None:

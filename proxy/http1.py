@@ -361,6 +361,7 @@ class HttpConnection(asyncio.Protocol):
         self._idle_timeout = settings.idle_timeout
         self._max_pipeline = settings.max_pipeline
         self._max_headers = settings.max_headers
+        self._upgrades = settings.upgrades
         self._xff = settings.xff
         self._proto_line = b"x-forwarded-proto: " + settings.proto.encode() + _CRLF
         self._request_drop = shared.request_drop
@@ -382,6 +383,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_open = False  # between on_message_begin and on_headers_complete
         self._head_bytes = 0  # size of the head so far, as seen through the callbacks
         self._head_unparsed = 0  # bytes fed while the head stayed open (httptools buffers them)
+        self._stripped: Exchange | None = None  # its h2c upgrade was stripped (_feed)
+        self._resuming: Exchange | None = None  # its body follows our head (_feed)
         self._fresh = b""  # the bytes being fed, when they start at a request line
         self._messages = 0
         self._idle_since = 0.0
@@ -487,11 +490,7 @@ class HttpConnection(asyncio.Protocol):
         if self._parsing is None:
             self._fresh = data
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._upgrade_data(data[exc.args[0] :])
-        except httptools.HttpParserError as exc:
-            self._parse_error(exc)
+            self._feed(data)
         finally:
             self._in_feed = False
             self._fresh = b""
@@ -502,8 +501,41 @@ class HttpConnection(asyncio.Protocol):
         else:
             self._flush_both()
 
+    def _feed(self, data: bytes) -> None:
+        parser = self._parser
+        while True:
+            try:
+                parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                rest = data[exc.args[0] :]
+            except httptools.HttpParserError as exc:
+                self._parse_error(exc)
+                return
+            ex = self._stripped
+            if ex is None:
+                self._upgrade_data(rest)  # the rest is the new protocol's
+                return
+            # An h2c upgrade we strip: llhttp stopped right after its head, as for any upgrade
+            # (httptools makes it skip the body), and httptools has already resumed it, so
+            # what follows is HTTP again. A declared body comes first: a new parser reads it
+            # behind a head of ours with the same framing (on_message_begin knows it).
+            self._fresh = b""
+            self._stripped = None
+            if ex._body_done:
+                data = rest
+                continue
+            self._resuming = ex
+            parser = self._parser = httptools.HttpRequestParser(self)
+            framing = _CHUNKED_LINE if ex._chunked else b"content-length: %s\r\n" % ex._cl
+            data = b"PUT / HTTP/1.1\r\n" + framing + _CRLF + rest
+
     # ================================================================== httptools callbacks
     def on_message_begin(self) -> None:
+        ex = self._resuming
+        if ex is not None:
+            self._parsing = ex  # our head for a stripped upgrade's body (_feed): not a request
+            return
         if self._closed or len(self._queue) >= self._max_pipeline:
             raise _StopParsing  # answer what we have, then close
         self._messages += 1
@@ -513,6 +545,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_unparsed = 0
 
     def on_url(self, url: bytes) -> None:
+        if self._resuming is not None:
+            return
         ex = self._parsing
         assert ex is not None
         ex.target += url
@@ -543,6 +577,9 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         ex = self._parsing
         assert ex is not None
+        if self._resuming is not None:
+            self._resuming = None  # what follows is the stripped upgrade's body
+            return
         self._head_open = False
         parser = self._parser
         ex.method = parser.get_method()
@@ -609,6 +646,8 @@ class HttpConnection(asyncio.Protocol):
         ex = self._parsing
         assert ex is not None
         self._parsing = None
+        if ex is self._stripped:
+            return  # not complete: llhttp skipped its body, which _feed reads next
         if ex._body_done:
             return  # bodiless request: already complete at the head
         ex._body_done = True
@@ -668,8 +707,24 @@ class HttpConnection(asyncio.Protocol):
             if not authority_ok(authority):
                 raise _RequestError(400, b"invalid host header")
             self._host_ok = authority
-        if ex._upgrade is not None and not self._parser.should_upgrade():
+        if ex._upgrade is not None:
+            self._check_upgrade(ex)
+
+    def _check_upgrade(self, ex: Exchange) -> None:
+        """Forward the upgrades the listener allows (WebSocket by default, as Istio): h2c is
+        stripped, as Envoy does (HTTP/2 behind our back would bypass routing); any other
+        protocol is a 403, Envoy's answer to an upgrade it is not configured for."""
+        if not self._parser.should_upgrade():
             ex._upgrade = None  # Upgrade without "Connection: upgrade" is just a header
+            return
+        assert ex._upgrade is not None
+        protocol = ex._upgrade.strip().lower()
+        if protocol in self._upgrades:
+            return
+        if protocol != b"h2c":
+            raise _RequestError(403, b"upgrade not allowed")
+        ex._upgrade = None
+        self._stripped = ex  # llhttp will stop after this head all the same: see _feed
 
     @staticmethod
     def _absolute_form(ex: Exchange) -> None:
@@ -1296,6 +1351,7 @@ class HttpConnection(asyncio.Protocol):
         """The client sent something we cannot parse: reject it in turn and close."""
         self._pause(_P_DONE)
         self._head_open = False
+        self._stripped = self._resuming = None
         cause = callback_error(exc)
         if isinstance(cause, _StopParsing):
             self._parsing = None
