@@ -359,6 +359,10 @@ class RetryPolicy:
     retry_remote_localities: bool = False
     backoff: float | None = None
     host_selection_max_attempts: int = 5
+    # Written in the VirtualService: the user asked for these retries, so a request that may
+    # have reached the pod is sent again even when its method is not idempotent (Istio's
+    # behaviour). Istio's implicit default never resends those (RFC 9110 §9.2.2).
+    explicit: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,7 +175,8 @@ class Exchange:
     upstream protocol error, UT upstream timeout; the dispatcher may set its own (NR, UH, ...)
     before returning a LocalReply; UO is a circuit breaker overflow. ``bytes_received``/
     ``bytes_sent`` count body bytes (tunnel bytes after a 101). ``status`` is 0 when no response
-    was started. ``retries`` counts the attempts after the first (connect failures included).
+    was started. ``retries`` counts the attempts after the first (connect failures included), ``replays``
+those that sent the request again after it had reached a pod.
     """
 
     __slots__ = (
@@ -201,6 +202,7 @@ class Exchange:
         "method",
         "peer",
         "request_id",
+        "replays",
         "retries",
         "sock",
         "start",
@@ -228,6 +230,7 @@ class Exchange:
         self.upstream: str | None = None
         self.request_id = b""
         self.retries = 0
+        self.replays = 0  # sent again after it reached a pod (retries, stale connection)
         self.tag: object = None  # the dispatcher's own per-exchange state (http1 ignores it)
         # The dispatcher's own per-connection state: http1 hands each exchange the value the
         # previous one of its connection left here, and never looks inside.

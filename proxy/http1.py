@@ -26,7 +26,8 @@ What the client sees when something goes wrong (the one place failures become re
                                                           reset reason: connection failure  UF
       closed after the request, before the head       503 ... reset reason: connection
         (a reused idle connection with nothing            termination                       UC
-         but a head sent is first retried once)
+         but a head sent is first retried once,
+         when idempotent or the route asked)
       not HTTP (bad status line, bad chunk, ...)      502 ... reset reason: protocol error  UPE
       no complete response within Forward.timeout     504 upstream request timeout          UT
         or the retry plan's per-try timeout
@@ -34,7 +35,7 @@ What the client sees when something goes wrong (the one place failures become re
 
 Retries (Forward.retry, a RetryPlan precomputed per route from the VirtualService ``retries``)
 ----------------------------------------------------------------------------------------------
-Envoy's router, with one deliberate difference. A failure is retried while the plan has attempts
+Envoy's router, with two deliberate differences. A failure is retried while the plan has attempts
 left, the cluster's ``max_retries`` breaker has room, nothing of the response reached the client,
 and the request can be sent again:
 
@@ -57,7 +58,12 @@ that do not hash; ``retryIgnorePreviousHosts`` decides when given).
 
 "Sent again" means: the request had no body, or its whole body is held in the replay buffer
 (``RetryPlan.replay_limit``, 64 KiB); a longer body, an upgrade, or a request whose body had not
-ended yet is never replayed. A retried response is read to its end and dropped (its connection
+ended yet is never replayed. A request whose method is not idempotent (POST, PATCH, ...: RFC
+9110 §9.2.2, a proxy must not retry those on its own) is sent again only when the route's
+``retries`` were written in the VirtualService (``RetryPlan.explicit``); Istio's implicit
+default retries it only where nothing was sent (connect failures). That is the second
+deliberate difference: Istio would resend a POST whose body reached the pod and got a 503.
+Every resend of a request that reached a pod counts in ``Exchange.replays``. A retried response is read to its end and dropped (its connection
 stays reusable); the retry waits Envoy's jittered back-off (25 ms base) except after a connect
 failure. gRPC tokens (cancelled, unavailable, ...) and refused-stream need HTTP/2 and never match.
 
@@ -119,7 +125,7 @@ from proxy.exchange import (
     ServerSettings,
 )
 from proxy.framing import authority_ok, same_authority, split_absolute_form
-from proxy.retry import RetryPlan
+from proxy.retry import IDEMPOTENT, RetryPlan
 from proxy.upstream import (
     OPEN,
     PROTOCOL_ERROR,
@@ -885,6 +891,8 @@ class HttpConnection(asyncio.Protocol):
             return False
         if ex.bytes_received and ex._replay is None:
             return False  # a body we did not keep (too long): never replayed
+        if not plan.may_resend(ex.method):
+            return False  # it may have been processed: only when the route asked (docstring)
         return self._take_retry(plan)
 
     def _retry(self, ex: Exchange, plan: RetryPlan) -> None:
@@ -893,6 +901,7 @@ class HttpConnection(asyncio.Protocol):
         self._drop_upstream()
         self._try_deadline = None
         ex.retries += 1
+        ex.replays += 1
         fwd = self._forward
         pool = self._pool
         assert fwd is not None and pool is not None
@@ -1193,17 +1202,25 @@ class HttpConnection(asyncio.Protocol):
             self._retry_dropped()
             return
         protocol = reason == PROTOCOL_ERROR
-        if retryable and not self._retried and not protocol and not self._started:
-            # A stale keep-alive connection the server closed as we reused it; nothing of the
-            # request body went out, so sending it again cannot duplicate anything.
+        plan = self._forward.retry if self._forward is not None else None
+        if (
+            retryable
+            and not self._retried
+            and not protocol
+            and not self._started
+            and (ex.method in IDEMPOTENT or (plan is not None and plan.explicit and plan.on_reset))
+        ):
+            # A stale keep-alive connection the server closed as we reused it: only the head
+            # went out, and the server most likely closed before reading it. Most likely is
+            # not surely, so a non-idempotent request is resent only when the route asked.
             self._retried = True
+            ex.replays += 1
             assert self._pool is not None
             self._use_pool(self._pool, fresh=True)
             return
         pool = self._pool
         if pool is not None and pool.monitor is not None:
             pool.monitor.put(503)  # Envoy counts a reset as a locally originated 503
-        plan = self._forward.retry if self._forward is not None else None
         if plan is not None and plan.on_reset and self._may_retry(ex, plan):
             self._retry(ex, plan)
             return

@@ -464,6 +464,7 @@ def _retries(
         per_try_timeout=per_try,
         retry_remote_localities=bool(remote),
         backoff=backoff,
+        explicit=True,
     )
     if retry_on:
         conditions: list[str] = []
@@ -486,5 +487,6 @@ def _retries(
             per_try_timeout=per_try,
             retry_remote_localities=bool(remote),
             backoff=backoff,
+            explicit=True,
         )
     return policy, True, ignore_previous

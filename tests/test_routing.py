@@ -536,7 +536,11 @@ def test_cluster_port_hash_policies_timeout_and_retries() -> None:
     assert decision.action.affinity is not None and decision.action.affinity.generates_cookie
     assert decision.timeout == 2.0
     assert decision.retries == RetryPolicy(
-        attempts=5, retry_on=("5xx",), retriable_status_codes=(), retry_previous_hosts=False
+        attempts=5,
+        retry_on=("5xx",),
+        retriable_status_codes=(),
+        retry_previous_hosts=False,
+        explicit=True,
     )
     assert (decision.virtual_service, decision.vhost) == ("default/vs", "app.test")
 
