@@ -164,19 +164,19 @@ class Forward:
 class Exchange:
     """One request/response: what the dispatcher decides on, and the access-log record.
 
-    Filled by the connection: the request fields before ``dispatch``; ``status``, ``flags``,
-    ``end``, byte counts and ``upstream`` by the time ``finished`` is called. ``target`` is the
-    request-target in origin form (an absolute-form target is split and its authority wins over
-    Host, RFC 9112 §3.2.2); ``authority`` is the Host ("" for HTTP/1.0 without one).
-    ``headers`` are (lower-cased name, value) as received, hop-by-hop ones included.
+        Filled by the connection: the request fields before ``dispatch``; ``status``, ``flags``,
+        ``end``, byte counts and ``upstream`` by the time ``finished`` is called. ``target`` is the
+        request-target in origin form (an absolute-form target is split and its authority wins over
+        Host, RFC 9112 §3.2.2); ``authority`` is the Host ("" for HTTP/1.0 without one).
+        ``headers`` are (lower-cased name, value) as received, hop-by-hop ones included.
 
-    ``flags`` are Envoy's response flags: "-" none, set here: DC downstream closed, DPE
-    downstream protocol error, UF upstream connect failure, UC upstream closed/reset, UPE
-    upstream protocol error, UT upstream timeout; the dispatcher may set its own (NR, UH, ...)
-    before returning a LocalReply; UO is a circuit breaker overflow. ``bytes_received``/
-    ``bytes_sent`` count body bytes (tunnel bytes after a 101). ``status`` is 0 when no response
-    was started. ``retries`` counts the attempts after the first (connect failures included), ``replays``
-those that sent the request again after it had reached a pod.
+        ``flags`` are Envoy's response flags: "-" none, set here: DC downstream closed, DPE
+        downstream protocol error, UF upstream connect failure, UC upstream closed/reset, UPE
+        upstream protocol error, UT upstream timeout; the dispatcher may set its own (NR, UH, ...)
+        before returning a LocalReply; UO is a circuit breaker overflow. ``bytes_received``/
+        ``bytes_sent`` count body bytes (tunnel bytes after a 101). ``status`` is 0 when no response
+        was started. ``retries`` counts the attempts after the first (connect failures included), ``replays``
+    those that sent the request again after it had reached a pod.
     """
 
     __slots__ = (

@@ -188,7 +188,8 @@ def callback_error(exc: httptools.HttpParserError) -> BaseException | None:
 
 
 class _Unexpected(Exception):
-    """Raised inside a parser callback when the upstream talks while no exchange is attached."""
+    """Raised inside a parser callback when the upstream breaks the protocol in a way that is
+    not a parse error: talking while no exchange is attached, a head over the limit, ..."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -203,6 +204,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_got_bytes",
         "_head_bytes",
         "_head_only",
+        "_header_bytes",
         "_lines",
         "_parser",
         "_parser_stale",
@@ -240,6 +242,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._body_sent = False  # a request body byte was queued: never replay
         self._got_bytes = False  # a response byte arrived: never replay
         self._head_bytes = 0  # bytes read while the response head is incomplete
+        self._header_bytes = 0  # header lines of the head being parsed (on_header)
         self._head_only = False
         self._upgrade = False
         self._final = False  # final (non-1xx) head delivered
@@ -411,6 +414,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._sink is None:
             raise _Unexpected
         self._lines = [b""]
+        self._header_bytes = 0
         self._content_length = None
         self._chunked = False
         self._conn_tokens = _NO_TOKENS
@@ -419,6 +423,12 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._final:
             return  # trailers: HTTP/1.1 to the client has no place for them, like Envoy
+        # The limit holds however the head arrives: data_received bounds what httptools
+        # buffers between reads, this what one read can hold (a whole head, say).
+        size = self._header_bytes + len(name) + len(value) + 4
+        if size > MAX_RESPONSE_HEAD:
+            raise _Unexpected  # -> 502, as any upstream protocol error
+        self._header_bytes = size
         name = _LOWER(name)
         n = len(name)
         # Only names of these lengths can be one we act on: one int compare spares the others

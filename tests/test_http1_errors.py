@@ -558,6 +558,43 @@ async def test_upstream_head_too_large_502(raw_backend, proxy, pools, forward_al
     assert resp.status == 502 and resp.body == PROTOCOL_ERROR_TEXT
 
 
+@pytest.mark.parametrize("size", [61 * 1024, 100 * 1024, 300 * 1024])
+async def test_upstream_head_over_the_limit_in_one_read_502(
+    raw_backend, proxy, pools, forward_all, raw_client, size
+):
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(size // 1010))
+    head = b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 2\r\n\r\nok"
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head)  # all at once: one read on loopback for the smaller ones
+        await reader.read()
+
+    dispatcher = forward_all(pools(await raw_backend(upstream)))
+    client = await raw_client(await proxy(dispatcher))
+    await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    resp = await client.read_response()
+    assert resp.status == 502 and resp.body == PROTOCOL_ERROR_TEXT
+    (ex,) = await dispatcher.wait_finished(1)
+    assert ex.flags == "UPE"
+
+
+async def test_upstream_head_under_the_limit_passes(
+    raw_backend, proxy, pools, forward_all, raw_client
+):
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(58))
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 2\r\n\r\nok")
+        await reader.read()
+
+    client = await raw_client(await proxy(forward_all(pools(await raw_backend(upstream)))))
+    await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    resp = await client.read_response()
+    assert resp.status == 200 and resp.body == b"ok" and len(resp.raw_head) > 58_000
+
+
 async def test_local_reply_to_head_has_no_body(proxy, raw_client):
     class NotFound:
         def dispatch(self, exchange: Exchange) -> Forward | LocalReply:
