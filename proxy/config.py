@@ -185,7 +185,7 @@ class ConnectionPoolSettings:
     http2_max_requests: int = UINT32_MAX
     max_requests_per_connection: int = 0  # 0: unlimited
     max_retries: int = UINT32_MAX
-    idle_timeout: float = 3600.0
+    idle_timeout: float = 3600.0  # upstream idle keep-alive connections; 0 = never closed
     h2_upgrade_policy: str = "DEFAULT"
     use_client_protocol: bool = False
     max_concurrent_streams: int | None = None

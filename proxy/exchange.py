@@ -41,8 +41,14 @@ class ServerSettings:
 
     max_header_bytes: int = 60 * 1024
     max_headers: int = 100  # Envoy's max_headers_count: more is a 431
-    header_timeout: float = 60.0  # a client slower than this sending a head gets 408
-    idle_timeout: float = 3600.0  # keep-alive connection with no request in flight
+    # The client's side, nginx's defaults (Envoy has none this short): a head not complete
+    # within header_timeout gets 408 (a new connection must start one as soon); a kept-alive
+    # connection waits idle_timeout for the next request; a request body or a response read
+    # that makes no progress for body_timeout / send_timeout ends the exchange (408 or close).
+    header_timeout: float = 60.0
+    idle_timeout: float = 75.0
+    body_timeout: float = 60.0
+    send_timeout: float = 60.0
     max_pipeline: int = 32  # queued pipelined requests before we stop parsing and close after
     # Upgrade protocols forwarded (lower case); h2c is always stripped, any other is a 403.
     upgrades: frozenset[bytes] = frozenset({b"websocket"})
@@ -53,7 +59,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.max_header_bytes < 1024:
             raise ValueError("max_header_bytes must be at least 1024")
-        if self.header_timeout <= 0 or self.idle_timeout <= 0:
+        if min(self.header_timeout, self.idle_timeout, self.body_timeout, self.send_timeout) <= 0:
             raise ValueError("timeouts must be > 0")
         if self.max_headers < 1:
             raise ValueError("max_headers must be >= 1")
@@ -164,18 +170,19 @@ class Forward:
 class Exchange:
     """One request/response: what the dispatcher decides on, and the access-log record.
 
-        Filled by the connection: the request fields before ``dispatch``; ``status``, ``flags``,
-        ``end``, byte counts and ``upstream`` by the time ``finished`` is called. ``target`` is the
-        request-target in origin form (an absolute-form target is split and its authority wins over
-        Host, RFC 9112 §3.2.2); ``authority`` is the Host ("" for HTTP/1.0 without one).
-        ``headers`` are (lower-cased name, value) as received, hop-by-hop ones included.
+    Filled by the connection: the request fields before ``dispatch``; ``status``, ``flags``,
+    ``end``, byte counts and ``upstream`` by the time ``finished`` is called. ``target`` is the
+    request-target in origin form (an absolute-form target is split and its authority wins over
+    Host, RFC 9112 §3.2.2); ``authority`` is the Host ("" for HTTP/1.0 without one).
+    ``headers`` are (lower-cased name, value) as received, hop-by-hop ones included.
 
-        ``flags`` are Envoy's response flags: "-" none, set here: DC downstream closed, DPE
-        downstream protocol error, UF upstream connect failure, UC upstream closed/reset, UPE
-        upstream protocol error, UT upstream timeout; the dispatcher may set its own (NR, UH, ...)
-        before returning a LocalReply; UO is a circuit breaker overflow. ``bytes_received``/
-        ``bytes_sent`` count body bytes (tunnel bytes after a 101). ``status`` is 0 when no response
-        was started. ``retries`` counts the attempts after the first (connect failures included), ``replays``
+    ``flags`` are Envoy's response flags: "-" none, set here: DC downstream closed, DPE
+    downstream protocol error, UF upstream connect failure, UC upstream closed/reset, UPE
+    upstream protocol error, UT upstream timeout, SI a client that stopped sending its body or
+    reading its response; the dispatcher may set its own (NR, UH, ...) before returning a
+    LocalReply; UO is a circuit breaker overflow. ``bytes_received``/``bytes_sent`` count body
+    bytes (tunnel bytes after a 101). ``status`` is 0 when no response was started.
+    ``retries`` counts the attempts after the first (connect failures included), ``replays``
     those that sent the request again after it had reached a pod.
     """
 
@@ -201,8 +208,8 @@ class Exchange:
         "memo",
         "method",
         "peer",
-        "request_id",
         "replays",
+        "request_id",
         "retries",
         "sock",
         "start",

@@ -5,14 +5,26 @@ What the client sees when something goes wrong (the one place failures become re
     where it breaks                                   client gets                          flags
     ------------------------------------------------  -----------------------------------  -----
     downstream (the client)
-      head > max_header_bytes                         431 Request Header Fields Too Large   DPE
+      head > max_header_bytes, > max_headers lines    431 Request Header Fields Too Large   DPE
       malformed line/header/chunk, CL+TE, obs-fold,   400 Bad Request                       DPE
-        duplicate Host, no Host on 1.1, TE on 1.0
+        duplicate Host, no Host on 1.1, TE on 1.0,
+        Host not host[:port], a target other than
+        origin/absolute form (OPTIONS * excepted),
+        absolute-form authority other than Host
       Transfer-Encoding other than chunked            501 Not Implemented                   DPE
       HTTP version other than 1.0/1.1                 505 HTTP Version Not Supported        DPE
       CONNECT                                         405 Method Not Allowed                DPE
+      Upgrade to a protocol the listener does not     403 Forbidden                         DPE
+        allow (h2c is stripped instead: _feed)
       head not complete within header_timeout         408 Request Timeout                   -
+        of its first byte
+      request body stalls for body_timeout            408 Request Timeout; upstream reset   SI
         (all of the above then close the connection; other connections are untouched)
+      no first byte within header_timeout of the      nothing; closed                       -
+        connection's start, or within idle_timeout
+        of the previous response (keep-alive)
+      client reads nothing of its response            nothing; closed, upstream reset       SI
+        for send_timeout
       client closes mid-request or mid-response       nothing; upstream connection dropped  DC
     dispatcher
       LocalReply(...)                                 as given (404 no route, 503 ...)      its own
@@ -63,9 +75,10 @@ ended yet is never replayed. A request whose method is not idempotent (POST, PAT
 ``retries`` were written in the VirtualService (``RetryPlan.explicit``); Istio's implicit
 default retries it only where nothing was sent (connect failures). That is the second
 deliberate difference: Istio would resend a POST whose body reached the pod and got a 503.
-Every resend of a request that reached a pod counts in ``Exchange.replays``. A retried response is read to its end and dropped (its connection
-stays reusable); the retry waits Envoy's jittered back-off (25 ms base) except after a connect
-failure. gRPC tokens (cancelled, unavailable, ...) and refused-stream need HTTP/2 and never match.
+Every resend of a request that reached a pod counts in ``Exchange.replays``. A retried
+response is read to its end and dropped (its connection stays reusable); the retry waits
+Envoy's jittered back-off (25 ms base) except after a connect failure. gRPC tokens
+(cancelled, unavailable, ...) and refused-stream need HTTP/2 and never match.
 
 Every attempt reports its outcome to ``UpstreamPool.monitor`` (outlier detection): the status,
 503 for a connect failure or a reset, 504 for a timeout; an overflow reports nothing (Envoy).
@@ -365,6 +378,8 @@ class HttpConnection(asyncio.Protocol):
         self._max_head = settings.max_header_bytes
         self._header_timeout = settings.header_timeout
         self._idle_timeout = settings.idle_timeout
+        self._body_timeout = settings.body_timeout
+        self._send_timeout = settings.send_timeout
         self._max_pipeline = settings.max_pipeline
         self._max_headers = settings.max_headers
         self._upgrades = settings.upgrades
@@ -396,6 +411,10 @@ class HttpConnection(asyncio.Protocol):
         self._idle_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._body_watched: Exchange | None = None  # whose body _on_timer checks for progress
+        self._body_seen = 0  # its body bytes at the last check
+        self._body_since = 0.0  # ... and when that check was
+        self._write_paused_at = 0.0
         self._wbuf: list[bytes] = []
         self._batched = False  # in _shared.batch: its writes go out at the iteration's end
         self._memo: object = None  # the dispatcher's, carried from one exchange to the next
@@ -473,6 +492,8 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._write_paused_at = now = self._loop.time()
+        self._set_deadline(now + self._send_timeout)
         if self._upstream is not None:
             self._upstream.pause_reading()
 
@@ -502,6 +523,8 @@ class HttpConnection(asyncio.Protocol):
             self._fresh = b""
         if self._head_open:
             self._head_still_open(len(data), head_was_open and messages == self._messages)
+        elif self._parsing is not None and self._parsing is not self._body_watched:
+            self._watch_body(self._parsing)
         if len(data) < FLUSH_NOW:
             self.flush_soon()
         else:
@@ -1445,8 +1468,14 @@ class HttpConnection(asyncio.Protocol):
     # timeout the cost is one timer per timeout period instead of two timer calls per request.
     def _go_idle(self, now: float) -> None:
         self._idle_since = now
-        if self._timer is None or self._timer_at > now + self._idle_timeout:
-            self._set_deadline(now + self._idle_timeout)
+        at = now + self._idle_limit()
+        if self._timer is None or self._timer_at > at:
+            self._set_deadline(at)
+
+    def _idle_limit(self) -> float:
+        """How long the connection may wait for a request's first byte: a new connection gets
+        the head's time (nginx's client_header_timeout), a kept-alive one the idle timeout."""
+        return self._idle_timeout if self._messages else self._header_timeout
 
     def _set_deadline(self, at: float) -> None:
         if self._timer is not None:
@@ -1467,6 +1496,13 @@ class HttpConnection(asyncio.Protocol):
         if ex is not None:
             self._set_deadline(ex.start + self._header_timeout)
 
+    def _watch_body(self, ex: Exchange) -> None:
+        """A read ended inside ``ex``'s body: from now on it must keep coming (body_timeout)."""
+        self._body_watched = ex
+        self._body_seen = ex.bytes_received
+        self._body_since = ex.start  # no clock read per request: the head was just now
+        self._set_deadline(ex.start + self._body_timeout)
+
     def _on_timer(self) -> None:
         self._timer = None
         if self._closed:
@@ -1485,6 +1521,11 @@ class HttpConnection(asyncio.Protocol):
                     self._on_timer()  # re-arm whatever deadlines remain
                 return
             deadlines.append(self._try_deadline)
+        if self._write_paused:
+            if now >= self._write_paused_at + self._send_timeout:
+                self._stalled(None)  # the client stopped reading what we send it
+                return
+            deadlines.append(self._write_paused_at + self._send_timeout)
         ex = self._parsing
         if self._head_open and ex is not None:
             head_deadline = ex.start + self._header_timeout
@@ -1492,8 +1533,18 @@ class HttpConnection(asyncio.Protocol):
                 self._reject_open_head(408, b"request timeout")
                 return
             deadlines.append(head_deadline)
+        elif ex is not None and ex is self._body_watched:
+            if self._paused or ex.bytes_received != self._body_seen:
+                # Progress, or we are the ones not reading (upstream full, request queued):
+                # the client gets a whole new period from here.
+                self._body_seen = ex.bytes_received
+                self._body_since = now
+            elif now >= self._body_since + self._body_timeout:
+                self._stalled(ex)  # the client stopped sending its body
+                return
+            deadlines.append(self._body_since + self._body_timeout)
         elif self._active is None and not self._queue:
-            idle_deadline = self._idle_since + self._idle_timeout
+            idle_deadline = self._idle_since + self._idle_limit()
             if now >= idle_deadline:
                 self._close()
                 return
@@ -1501,6 +1552,26 @@ class HttpConnection(asyncio.Protocol):
         if deadlines:
             self._set_deadline(min(deadlines))
         # else busy with no response deadline: _go_idle re-arms when the exchange ends
+
+    def _stalled(self, ex: Exchange | None) -> None:
+        """A client stopped sending its request body (``ex``) or reading its response (None)
+        for a whole period: reset the upstream request, answer 408 if we still can, close."""
+        self._pause(_P_DONE)
+        active = self._active
+        if active is not None and active.flags == "-":
+            active.flags = "SI"  # Envoy's stream idle timeout
+        if ex is None:
+            # What we hold for it would never drain: reset rather than close after a flush.
+            self._abort()
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if ex is not active or self._started:
+            self._abort()  # the next pipelined requests (if any) are dropped with the connection
+            return
+        self._parsing = None
+        self._drop_upstream()
+        self._local_reply(ex, 408, b"request timeout", close=True)
 
     def _reject_open_head(self, status: int, text: bytes) -> None:
         ex = self._parsing
