@@ -27,6 +27,7 @@ from proxy.istio_names import (
     _words,
     resolve_gateway_name,
 )
+from proxy.regex import compile_regex
 
 _MATCH_FIELDS = _words(
     "name uri scheme method authority headers port sourceLabels gateways queryParams "
@@ -83,8 +84,8 @@ def _regex_ok(r: Reader, path: str, pattern: str) -> bool:
         )
         return False
     try:
-        re.compile(pattern)
-    except re.error as exc:
+        compile_regex(pattern)
+    except ValueError as exc:
         r.error(
             path,
             f"{pattern!r}: {exc}; Istio uses RE2 style regex-based match "
