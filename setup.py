@@ -21,6 +21,8 @@ from setuptools import setup
 COMPILED = [
     "proxy/exchange.py",
     "proxy/framing.py",
+    "proxy/listener.py",
+    "proxy/replies.py",
     "proxy/http1.py",
     "proxy/upstream.py",
     "proxy/dispatch.py",

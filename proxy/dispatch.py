@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Final, cast
 
 from proxy.affinity import Affinity, cookie_line
 from proxy.cluster import Balancer, next_distinct
+from proxy.exchange import Exchange, Forward, LocalReply
 from proxy.hashing import Maglev, RingHash
-from proxy.http1 import Exchange, Forward, LocalReply
 from proxy.retry import retry_plan
 from proxy.routing import RouteDecision
 from proxy.upstream import UpstreamPool

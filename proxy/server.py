@@ -48,8 +48,10 @@ from proxy.cluster import Cluster
 from proxy.config import DEFAULT_LB, ClusterSpec, Config, ConfigError, Endpoint, load_config
 from proxy.discovery import DEFAULT_DNS_REFRESH, DiscoveryError, EndpointWatcher
 from proxy.dispatch import Dispatcher
+from proxy.exchange import ServerSettings
 from proxy.health import ClusterHealth
-from proxy.http1 import Connections, ServerSettings, serve
+from proxy.http1 import serve
+from proxy.listener import Connections
 from proxy.routing import Router
 from proxy.upstream import CircuitBreaker, UpstreamPool
 

@@ -22,15 +22,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from proxy.http1 import (
-    Connections,
-    Dispatcher,
-    Exchange,
-    Forward,
-    LocalReply,
-    ServerSettings,
-    serve,
-)
+from proxy.exchange import Dispatcher, Exchange, Forward, LocalReply, ServerSettings
+from proxy.http1 import serve
+from proxy.listener import Connections
 from proxy.upstream import UpstreamPool
 
 HOST = "127.0.0.1"

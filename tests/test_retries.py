@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from proxy.config import RetryPolicy
-from proxy.http1 import CONNECT_FAILURE, CONNECTION_TERMINATION, OVERFLOW_TEXT
+from proxy.replies import CONNECT_FAILURE, CONNECTION_TERMINATION, OVERFLOW_TEXT
 from proxy.retry import (
     RETRY_CONNECT_FAILURE,
     RETRY_RESET,
