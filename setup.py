@@ -21,6 +21,7 @@ from setuptools import setup
 COMPILED = [
     "proxy/exchange.py",
     "proxy/framing.py",
+    "proxy/downstream.py",
     "proxy/listener.py",
     "proxy/replies.py",
     "proxy/http1.py",

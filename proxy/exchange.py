@@ -261,7 +261,7 @@ class Exchange:
 
 
 class Dispatcher(Protocol):
-    """The decision maker (implemented by the server module: routing, affinity, clusters)."""
+    """The decision maker (``proxy.dispatch.Dispatcher``: routing, affinity, clusters)."""
 
     def dispatch(self, exchange: Exchange) -> Forward | LocalReply:
         """Synchronous and fast: runs on the request path."""

@@ -1,10 +1,10 @@
 """What the connections of one listener share: settings, the write batch, the live set.
 
 uvicorn's ``ServerState`` is the model: state that outlives a connection and that every
-connection reads lives below ``proxy.http1`` and is handed to each ``HttpConnection`` when
+connection reads lives below ``proxy.downstream`` and is handed to each connection when
 the listener accepts it. :class:`ListenerState` carries the dispatcher, the settings and what is
 precomputed from them, and the batch of writes held within one event-loop iteration (see
-``HttpConnection.flush_soon``); :class:`Connections` is the set a graceful drain walks.
+``DownstreamConnection.flush_soon``); :class:`Connections` is the set a graceful drain walks.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from proxy.exchange import HOP_BY_HOP, Dispatcher, ServerSettings
 from proxy.framing import CRLF, FORWARDING, REQUEST_OWN
 
 if TYPE_CHECKING:
-    # Typed as the one class there is, not a Protocol: compiled, calls on it are C calls.
-    from proxy.http1 import HttpConnection
+    # Typed as the class itself, not a Protocol: compiled, calls on it are C calls.
+    from proxy.downstream import DownstreamConnection
 
 
 class ListenerState:
@@ -45,10 +45,10 @@ class ListenerState:
         self.request_drop = HOP_BY_HOP | REQUEST_OWN | forwarding
         self.server_line = b"server: " + settings.server_name.encode() + CRLF
         self.proto_line = b"x-forwarded-proto: " + settings.proto.encode() + CRLF
-        # HttpConnection.flush_soon: from the first write of a loop iteration until
+        # DownstreamConnection.flush_soon: from the first write of a loop iteration until
         # flush_batch runs, writes are held; these connections hold some.
         self.holding = False
-        self.batch: list[HttpConnection] = []
+        self.batch: list[DownstreamConnection] = []
 
     def flush_batch(self) -> None:
         """Send the writes held in the loop iteration that just ended, and stop holding."""
@@ -76,19 +76,19 @@ class Connections:
     __slots__ = ("_conns", "_empty", "_on_add")
 
     def __init__(self, on_add: Callable[[], object] | None = None) -> None:
-        self._conns: set[HttpConnection] = set()
+        self._conns: set[DownstreamConnection] = set()
         self._empty: asyncio.Event | None = None
         self._on_add = on_add  # e.g. a counter of accepted connections
 
     def __len__(self) -> int:
         return len(self._conns)
 
-    def add(self, conn: HttpConnection) -> None:
+    def add(self, conn: DownstreamConnection) -> None:
         self._conns.add(conn)
         if self._on_add is not None:
             self._on_add()
 
-    def discard(self, conn: HttpConnection) -> None:
+    def discard(self, conn: DownstreamConnection) -> None:
         self._conns.discard(conn)
         if not self._conns and self._empty is not None:
             self._empty.set()

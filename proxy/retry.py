@@ -1,11 +1,49 @@
 """Retry plans: a VirtualService ``retries`` policy, precomputed once per route.
 
-The request path (``proxy.http1``, whose docstring says what is retried, when and where)
-decides on a response status with one set lookup and on a reset or connect failure with one
+The request path (``proxy.http1``, which carries out the table below) decides on a response
+status with one set lookup and on a reset or connect failure with one
 flag, so everything Envoy's router derives from ``retryOn`` is derived here when a route is
 built: the status set (5xx expanded, 409 for retriable-4xx, the bare codes), whether connect
 failures and resets count, the per-try timeout, the back-off base and how much body may be held
 for a replay.
+
+What is retried, and where (``proxy.http1`` carries it out)
+-----------------------------------------------------------
+Envoy's router, with two deliberate differences. A failure is retried while the plan has attempts
+left, the cluster's ``max_retries`` breaker has room, nothing of the response reached the client,
+and the request can be sent again:
+
+    what failed                          retried when retryOn has              goes to
+    -----------------------------------  ------------------------------------  ----------------
+    connect refused/timeout (UF)         connect-failure, reset,               the next distinct
+      nothing was sent                     reset-before-request, 5xx,          endpoint on the
+                                           gateway-error                       ring, at once (*)
+    reset / protocol error after send    reset, 5xx, gateway-error             same endpoint (**)
+    response status                      5xx (500-599), gateway-error          same endpoint (**)
+                                           (502-504), retriable-4xx (409),
+                                           retriable-status-codes / bare codes
+    per-try timeout                      reset, 5xx, gateway-error             same endpoint (**)
+
+(*) Istio keeps every retry of a consistent-hash route on the pod the hash chose, so a dead pod
+fails the request until outlier detection ejects it. A connect failure sent nothing, so moving it
+to the next pod on the ring cannot duplicate anything: we do, and that is the difference.
+(**) or the next distinct endpoint when the plan avoids previous hosts (Istio's default on routes
+that do not hash; ``retryIgnorePreviousHosts`` decides when given).
+
+"Sent again" means: the request had no body, or its whole body is held in the replay buffer
+(``RetryPlan.replay_limit``, 64 KiB); a longer body, an upgrade, or a request whose body had not
+ended yet is never replayed. A request whose method is not idempotent (POST, PATCH, ...: RFC
+9110 §9.2.2, a proxy must not retry those on its own) is sent again only when the route's
+``retries`` were written in the VirtualService (``RetryPlan.explicit``); Istio's implicit
+default retries it only where nothing was sent (connect failures). That is the second
+deliberate difference: Istio would resend a POST whose body reached the pod and got a 503.
+Every resend of a request that reached a pod counts in ``Exchange.replays``. A retried
+response is read to its end and dropped (its connection stays reusable); the retry waits
+Envoy's jittered back-off (25 ms base) except after a connect failure. gRPC tokens
+(cancelled, unavailable, ...) and refused-stream need HTTP/2 and never match.
+
+Every attempt reports its outcome to ``UpstreamPool.monitor`` (outlier detection): the status,
+503 for a connect failure or a reset, 504 for a timeout; an overflow reports nothing (Envoy).
 """
 
 from __future__ import annotations
