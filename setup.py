@@ -23,6 +23,7 @@ COMPILED = [
     "proxy/http1.py",
     "proxy/upstream.py",
     "proxy/dispatch.py",
+    "proxy/runtime.py",
     "proxy/affinity.py",
     "proxy/hashing.py",
     "proxy/retry.py",

@@ -1,7 +1,7 @@
 """The request path's decision: route, hash, pick an endpoint; count and log the exchange.
 
 ``proxy.http1`` calls ``Dispatcher.dispatch`` once per request head and ``finished`` once per
-exchange. ``dispatch`` reads ``proxy.runtime`` once (a reload swaps that one reference, so a
+exchange. ``dispatch`` reads ``RuntimeRef.current`` once (a reload swaps that one reference, so a
 request never sees half of two configs), routes on Host, method and target, computes the
 session hash from the route's affinity (cookie, header, query or source IP; a missing cookie is
 invented and returned as a Set-Cookie line), picks the endpoint on the cluster's current ring or
@@ -11,7 +11,8 @@ the route itself for requests whose route depends only on Host, method and targe
 once and remembered, so the common request costs a few dict lookups and one hash.
 
 This module is compiled with mypyc (setup.py), like the rest of the request path; the control
-plane that builds what it reads (``proxy.server``) stays interpreted.
+plane that builds what it reads (``proxy.server``) stays interpreted; what it reads is defined
+in ``proxy.runtime`` (compiled too), below both.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from proxy.accesslog import AccessLog
     from proxy.metrics import ClusterStats, Metrics
     from proxy.routing import Router
-    from proxy.server import ClusterRuntime, Proxy, Runtime
+    from proxy.runtime import ClusterRuntime, Runtime, RuntimeRef
 
 # Envoy's local replies (DESIGN §7); bodies are Envoy's text so Istio users recognise them.
 NO_ROUTE: Final = LocalReply(404)
@@ -188,15 +189,21 @@ class Dispatcher:
         "_metrics",
         "_router",
         "port",
-        "proxy",
+        "ref",
     )
 
-    def __init__(self, proxy: Proxy, port: int) -> None:
-        self.proxy = proxy
+    def __init__(
+        self,
+        ref: RuntimeRef,
+        port: int,
+        metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.ref = ref
         self.port = port
-        # Both are made with the Proxy and never replaced (a reload swaps only the runtime).
-        self._metrics: Metrics | None = proxy.metrics
-        self._access_log: AccessLog | None = proxy.access_log
+        # Both live as long as the proxy: a reload swaps only ``ref.current``.
+        self._metrics = metrics
+        self._access_log = access_log
         self._cache: dict[tuple[bytes | None, bytes, bytes], _Prepared] = {}
         # What the cache was filled from, and that runtime's router for this port.
         self._cached_for: Runtime | None = None
@@ -267,7 +274,7 @@ class Dispatcher:
         return hash_, set_cookie
 
     def dispatch(self, ex: Exchange) -> Forward | LocalReply:
-        runtime = self.proxy.runtime
+        runtime = self.ref.current
         memo = ex.memo
         if not isinstance(memo, _Memo):
             memo = _Memo()
