@@ -15,7 +15,8 @@
             GET /stats/prometheus   as on :15090
 
 The data plane never runs here: these apps read the proxy's current ``Runtime`` (one reference)
-and its snapshots, exactly what the request path reads.
+and its snapshots, exactly what the request path reads. They see the proxy through
+``AdminView`` (what they read, nothing more), so this module does not import ``proxy.server``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from multidict import MultiMapping
@@ -35,11 +36,33 @@ from proxy.affinity import Affinity, set_cookie_value
 from proxy.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from proxy.server import Proxy
+    from proxy.runtime import Runtime, RuntimeRef
 
 log = logging.getLogger("proxy.admin")
 
-PROXY_KEY = web.AppKey("proxy", object)
+
+class AdminView(Protocol):
+    """What the admin endpoints read from the running proxy (``proxy.server.Proxy`` is one)."""
+
+    @property
+    def ref(self) -> RuntimeRef:
+        """The runtime requests read now: ``ref.current``."""
+        ...
+
+    @property
+    def options(self) -> object:
+        """The run options, a dataclass (shown by ``/config_dump``)."""
+        ...
+
+    @property
+    def started(self) -> bool: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of this process."""
+        ...
 
 
 # --------------------------------------------------------------------------- apps
@@ -65,7 +88,7 @@ def metrics_app(exposition: Callable[[], bytes]) -> web.Application:
     return app
 
 
-def admin_app(proxy: Proxy) -> web.Application:
+def admin_app(proxy: AdminView) -> web.Application:
     """The admin endpoints (bind them to loopback: they show the whole configuration)."""
 
     async def ready(request: web.Request) -> web.Response:
@@ -77,18 +100,18 @@ def admin_app(proxy: Proxy) -> web.Application:
 
     async def config_dump(request: web.Request) -> web.Response:
         return web.json_response(
-            {"config": plain(proxy.runtime.config), "options": plain(proxy.options)},
+            {"config": plain(proxy.ref.current.config), "options": plain(proxy.options)},
             dumps=_dumps,
         )
 
     async def clusters(request: web.Request) -> web.Response:
-        table = clusters_table(proxy)
+        table = clusters_table(proxy.ref.current)
         if request.query.get("format") == "json":
             return web.json_response(table, dumps=_dumps)
         return web.Response(text=clusters_text(table))
 
     async def route(request: web.Request) -> web.Response:
-        status, answer = route_request(proxy, request.query)
+        status, answer = route_request(proxy.ref.current, request.query)
         return web.json_response(answer, status=status, dumps=_dumps)
 
     async def scrape(request: web.Request) -> web.Response:
@@ -150,9 +173,10 @@ def _dumps(obj: object) -> str:
 
 
 # --------------------------------------------------------------------------- clusters
-def clusters_table(proxy: Proxy) -> list[dict[str, Any]]:
+def clusters_table(runtime: Runtime) -> list[dict[str, Any]]:
+    """Each cluster of ``runtime`` with its endpoints' health, weight and balancer share."""
     out: list[dict[str, Any]] = []
-    for name, crt in sorted(proxy.runtime.clusters.items()):
+    for name, crt in sorted(runtime.clusters.items()):
         snap = crt.cluster.snapshot
         healthy = {ep.key for ep in snap.healthy}
         balancer = snap.balancer
@@ -204,9 +228,8 @@ def _split(text: str, sep: str) -> tuple[str, str] | None:
     return key.strip(), value.strip() if sep == ":" else value
 
 
-def route_request(proxy: Proxy, query: MultiMapping[str]) -> tuple[int, dict[str, Any]]:
+def route_request(runtime: Runtime, query: MultiMapping[str]) -> tuple[int, dict[str, Any]]:
     """Where would this request go, now? (status, answer); 404 when no route matches."""
-    runtime = proxy.runtime
     host = query.get("host")
     if not host:
         return 400, {"error": "host is required: /route?host=example.com&path=/"}

@@ -43,6 +43,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
+from proxy.admin import admin_app, metrics_app, readiness_app, start_app
 from proxy.config import Config, ConfigError, Endpoint, load_config
 from proxy.discovery import DEFAULT_DNS_REFRESH, DiscoveryError, EndpointWatcher
 from proxy.dispatch import Dispatcher
@@ -243,8 +244,6 @@ class Proxy:
             log.info("listening on %s:%d", host, port)
 
     async def _start_operating_ports(self) -> None:
-        from proxy.admin import admin_app, metrics_app, readiness_app, start_app
-
         opts = self.options
         apps: list[tuple[str, Address | None, web.Application | None]] = [
             ("readiness", opts.readiness, None),
