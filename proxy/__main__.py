@@ -18,7 +18,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from proxy import __version__
-from proxy.config import ClusterSpec, Config, ConfigError, StaticEndpoints, load_config
+from proxy.config import ClusterSpec, Config, ConfigError, StaticEndpoints
+from proxy.istio import load_config
 
 EXIT_OK = 0
 EXIT_NO_ROUTE = 1

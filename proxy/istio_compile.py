@@ -31,17 +31,13 @@ from proxy.config import (
     Endpoint,
     GatewaySpec,
     HttpRoute,
-    Issues,
     ListenerSpec,
-    Reader,
     RouteDestination,
     StaticEndpoints,
     VirtualServiceSpec,
     cluster_name,
     destination_port,
-    did_you_mean,
     host_subset_of,
-    join_path,
     labels_match,
 )
 from proxy.istio_dr import (
@@ -52,7 +48,8 @@ from proxy.istio_dr import (
     _rule_for,
     _ServiceEntry,
 )
-from proxy.istio_names import HEALTH_CHECK_ANNOTATION, MESH_GATEWAY
+from proxy.istio_names import MESH_GATEWAY
+from proxy.istio_reader import Issues, Reader, did_you_mean, join_path
 from proxy.istio_vs import _RawDestination, _RawRoute, _VirtualService
 
 
@@ -299,9 +296,7 @@ class _Compiler:
         selector = rule.subsets[subset].labels if rule and subset else ()
         endpoints, source = self._endpoints(host, port, selector, subset)
         outlier = policy.outlier if policy else None
-        health = (rule.health_check if rule else None) or (
-            se.meta.annotations.get(HEALTH_CHECK_ANNOTATION) if se else None
-        )
+        health = (rule.health_check if rule else None) or (se.meta.health_check if se else None)
         self.clusters[name] = ClusterSpec(
             name=name,
             host=host,

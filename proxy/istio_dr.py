@@ -31,19 +31,22 @@ from proxy.affinity import HashPolicy
 from proxy.config import (
     UINT32_MAX,
     Destination,
+    HealthCheckSpec,
+    host_subset_of,
+    is_ip,
+    labels_of,
+)
+from proxy.istio_names import NOT_SUPPORTED, _Meta, resolve_short_name
+from proxy.istio_policy import _Policy, _traffic_policy
+from proxy.istio_reader import (
     Reader,
     did_you_mean,
     fqdn_problem,
-    host_subset_of,
     is_dns1123_label,
-    is_ip,
     join_path,
-    labels_of,
     type_name,
     wildcard_domain_problem,
 )
-from proxy.istio_names import HEALTH_CHECK_ANNOTATION, NOT_SUPPORTED, _Meta, resolve_short_name
-from proxy.istio_policy import _Policy, _traffic_policy
 
 # --------------------------------------------------------------------------- DestinationRule
 
@@ -114,14 +117,14 @@ class _MergedRule:
     names: list[str]
     policy: _Policy | None
     subsets: dict[str, _Subset]
-    health_check: str | None
+    health_check: HealthCheckSpec | None
     reader: Reader
 
 
 def _merge_rules(rules: Iterable[_DestinationRule]) -> dict[str, _MergedRule]:
     merged: dict[str, _MergedRule] = {}
     for dr in rules:
-        check = dr.meta.annotations.get(HEALTH_CHECK_ANNOTATION)
+        check = dr.meta.health_check
         existing = merged.get(dr.host)
         if existing is None:
             merged[dr.host] = _MergedRule(

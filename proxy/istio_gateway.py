@@ -14,19 +14,15 @@ themselves are built in ``proxy.istio_compile`` once every Gateway has been read
 
 from __future__ import annotations
 
-from proxy.config import (
-    GatewayServer,
-    GatewaySpec,
+from proxy.config import GatewayServer, GatewaySpec, ServerHost, is_ip, labels_of
+from proxy.istio_names import NOT_SUPPORTED, _Meta, _words
+from proxy.istio_reader import (
     Reader,
-    ServerHost,
     did_you_mean,
     is_dns1123_label,
-    is_ip,
     join_path,
-    labels_of,
     wildcard_domain_problem,
 )
-from proxy.istio_names import NOT_SUPPORTED, _Meta, _words
 
 _PROTOCOLS = _words("HTTP HTTPS GRPC GRPC-WEB HTTP2 MONGO REDIS MYSQL TCP TLS UDP")
 _HTTP_LIKE = ("HTTP2", "GRPC", "GRPC-WEB")

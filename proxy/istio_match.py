@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from proxy.config import HttpMatch, Reader, StringMatch, join_path, labels_of, type_name
+from proxy.config import HttpMatch, StringMatch, labels_of
 from proxy.istio_names import (
     NOT_SUPPORTED,
     _check_gateway_name,
@@ -27,6 +27,7 @@ from proxy.istio_names import (
     _words,
     resolve_gateway_name,
 )
+from proxy.istio_reader import Reader, join_path, type_name
 
 _MATCH_FIELDS = _words(
     "name uri scheme method authority headers port sourceLabels gateways queryParams "

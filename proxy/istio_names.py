@@ -9,16 +9,18 @@ Theory
   legacy ``name.ns.svc.cluster.local``.
 
 Every resource parser gets the document's metadata as a ``_Meta`` - kind, name, namespace,
-annotations and where it was read - and shares the constants below.  The YAML-path, type and error
-helpers (``Reader``, ``Issues``, ``join_path``, durations, ports) are ``proxy.config``'s; this
-module imports no other ``proxy.istio*`` module, so the parsers can all stand on it."""
+annotations (the health-check one already parsed) and where it was read - and shares the
+constants below.  The YAML-path, type and error helpers (``Reader``, ``Issues``, ``join_path``,
+durations, ports) are ``proxy.istio_reader``'s; this module imports no other ``proxy.istio*``
+module but that one, so the parsers can all stand on it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.config import Reader, fqdn_problem, is_dns1123_label, is_ip
+from proxy.config import HealthCheckSpec, is_ip
+from proxy.istio_reader import Reader, fqdn_problem, is_dns1123_label
 
 CLUSTER_DOMAIN = "cluster.local"
 HEALTH_CHECK_ANNOTATION = "sticky-proxy/health-check"
@@ -70,6 +72,7 @@ class _Meta:
     namespace: str
     annotations: Mapping[str, str]
     where: str
+    health_check: HealthCheckSpec | None = None  # the sticky-proxy/health-check annotation
 
     @property
     def key(self) -> str:

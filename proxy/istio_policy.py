@@ -35,11 +35,10 @@ from proxy.config import (
     ConsistentHashLB,
     LoadBalancerSettings,
     OutlierDetection,
-    Reader,
     TcpKeepalive,
-    join_path,
 )
 from proxy.istio_names import NOT_SUPPORTED, _words
+from proxy.istio_reader import Reader, join_path
 
 _LB_SIMPLE = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
 _CLIENT_TLS_FIELDS = _words(

@@ -33,16 +33,11 @@ from proxy.config import (
     Headers,
     HttpMatch,
     HttpRoute,
-    Reader,
     Redirect,
     RetryPolicy,
     Rewrite,
-    did_you_mean,
     host_subset_of,
-    is_dns1123_label,
     is_ip,
-    join_path,
-    wildcard_domain_problem,
 )
 from proxy.istio_match import _match, _regex_ok
 from proxy.istio_names import (
@@ -53,6 +48,13 @@ from proxy.istio_names import (
     _words,
     resolve_gateway_name,
     resolve_short_name,
+)
+from proxy.istio_reader import (
+    Reader,
+    did_you_mean,
+    is_dns1123_label,
+    join_path,
+    wildcard_domain_problem,
 )
 
 _HTTP_ROUTE_FIELDS = _words(

@@ -26,6 +26,7 @@ from proxy.config import (
     Endpoint,
     HeaderOperations,
     Headers,
+    HealthCheckSpec,
     HttpRoute,
     LoadBalancerSettings,
     OutlierDetection,
@@ -36,9 +37,8 @@ from proxy.config import (
     StaticEndpoints,
     StringMatch,
     TcpKeepalive,
-    load_config,
 )
-from proxy.istio import load_text, resolve_gateway_name, resolve_short_name
+from proxy.istio import load_config, load_text, resolve_gateway_name, resolve_short_name
 
 CONFIG = Path(__file__).resolve().parent.parent / "config"
 SVC = "test2-bwce-srv.default.svc.cluster.local"
@@ -808,7 +808,7 @@ def test_health_check_annotation_reaches_the_cluster() -> None:
             "{name: dr, annotations: {sticky-proxy/health-check: 'path=/healthz interval=5s'}}",
         ),
     )
-    assert cluster(config).health_check == "path=/healthz interval=5s"
+    assert cluster(config).health_check == HealthCheckSpec(path="/healthz", interval=5.0)
 
 
 # --------------------------------------------------------------------------- ServiceEntry

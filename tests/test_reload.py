@@ -19,8 +19,8 @@ from proxy_process import (
     scrape,
 )
 
-from proxy.config import load_config
 from proxy.demo import PodSet
+from proxy.istio import load_config
 from proxy.server import Proxy, RunOptions
 
 pytestmark = pytest.mark.timeout(60)
