@@ -602,7 +602,7 @@ def _policy(policy: object) -> str:
 
 
 def _edits(label: str, edit: object) -> str:
-    from proxy.http1 import HeaderEdit
+    from proxy.exchange import HeaderEdit
 
     if not isinstance(edit, HeaderEdit):
         return ""

@@ -39,7 +39,7 @@ import time
 from typing import TYPE_CHECKING, Final, TextIO
 
 if TYPE_CHECKING:
-    from proxy.http1 import Exchange
+    from proxy.exchange import Exchange
 
 FORMATS: Final = ("off", "text", "json")
 BATCH: Final = 256

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Final, cast
 
 from proxy.affinity import Affinity, cookie_line
 from proxy.cluster import Balancer, next_distinct
+from proxy.exchange import Exchange, Forward, LocalReply
 from proxy.hashing import Maglev, RingHash
-from proxy.http1 import Exchange, Forward, LocalReply
 from proxy.retry import retry_plan
 from proxy.routing import RouteDecision
 from proxy.upstream import UpstreamPool
@@ -173,7 +173,7 @@ ROUTE_CACHE_SIZE: Final = 4096
 
 
 class Dispatcher:
-    """``proxy.http1.Dispatcher`` for one listener port: route, hash, pick; count and log.
+    """``proxy.exchange.Dispatcher`` for one listener port: route, hash, pick; count and log.
 
     Routing a request whose route depends only on Host, method and target (no header or query
     conditions, no weighted split) gives the same answer every time for the same runtime, so

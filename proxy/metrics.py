@@ -62,7 +62,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 if TYPE_CHECKING:
     from proxy.cluster import Cluster, ClusterSnapshot
     from proxy.config import ClusterSpec
-    from proxy.http1 import Exchange
+    from proxy.exchange import Exchange
 
 # Istio's default buckets (istio/proxy extensions/stats: DURATION and BYTES buckets).
 DURATION_BUCKETS_MS: Final = (

@@ -57,7 +57,7 @@ from proxy.config import (
     destination_port,
     host_subset_of,
 )
-from proxy.http1 import HeaderEdit, LocalReply
+from proxy.exchange import HeaderEdit, LocalReply
 
 # --------------------------------------------------------------------------- results
 

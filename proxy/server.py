@@ -47,7 +47,8 @@ from proxy.admin import admin_app, metrics_app, readiness_app, start_app
 from proxy.config import Config, ConfigError, Endpoint
 from proxy.discovery import DEFAULT_DNS_REFRESH, DiscoveryError, EndpointWatcher
 from proxy.dispatch import Dispatcher
-from proxy.http1 import Connections, ServerSettings, serve
+from proxy.exchange import ServerSettings
+from proxy.http1 import Connections, serve
 from proxy.istio import load_config
 from proxy.runtime import ClusterRuntime, Runtime, RuntimeRef, build_runtime
 

@@ -22,15 +22,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from proxy.http1 import (
-    Connections,
-    Dispatcher,
-    Exchange,
-    Forward,
-    LocalReply,
-    ServerSettings,
-    serve,
-)
+from proxy.exchange import Dispatcher, Exchange, Forward, LocalReply, ServerSettings
+from proxy.http1 import Connections, serve
 from proxy.upstream import UpstreamPool
 
 HOST = "127.0.0.1"

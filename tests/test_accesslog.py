@@ -16,7 +16,7 @@ from proxy_process import article_yaml, eventually
 
 from proxy.accesslog import MAX_BATCHES, AccessLog
 from proxy.demo import PodSet
-from proxy.http1 import Exchange
+from proxy.exchange import Exchange
 from proxy.istio import load_text
 from proxy.server import Proxy, RunOptions
 

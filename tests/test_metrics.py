@@ -13,7 +13,7 @@ from proxy_process import article_yaml, sample_sum
 
 from proxy.demo import PodSet
 from proxy.dispatch import Dispatcher
-from proxy.http1 import Exchange
+from proxy.exchange import Exchange
 from proxy.istio import load_text
 from proxy.metrics import _BYTES_BOUNDS, _DURATION_BOUNDS, Metrics, _bucket, service_labels
 from proxy.server import Proxy, RunOptions

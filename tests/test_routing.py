@@ -9,7 +9,7 @@ import pytest
 
 from proxy.affinity import CookiePolicy, HeaderPolicy
 from proxy.config import Config, RetryPolicy
-from proxy.http1 import HeaderEdit, LocalReply
+from proxy.exchange import HeaderEdit, LocalReply
 from proxy.istio import load_text
 from proxy.routing import RouteDecision, Router
 
