@@ -43,8 +43,9 @@ NO_CLUSTER: Final = LocalReply(503, b"no healthy upstream")
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 
 
-def _query_params(target: str) -> dict[str, str]:
-    """First occurrence of each query parameter, raw (Istio's queryParams match)."""
+def query_params(target: str) -> dict[str, str]:
+    """First occurrence of each query parameter, raw: ``Router.match``'s ``query`` argument
+    (Istio's queryParams match). ``proxy.explain`` folds its probes with this one too."""
     found: dict[str, str] = {}
     start = target.find("?")
     if start >= 0:
@@ -54,7 +55,9 @@ def _query_params(target: str) -> dict[str, str]:
     return found
 
 
-def _headers_map(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+def fold_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Parsed (lower-case name, value) pairs as ``Router.match`` reads them: a repeated header's
+    values joined with ``,``, as Envoy does. ``proxy.explain`` folds its probes with this too."""
     result: dict[str, str] = {}
     for name, value in headers:
         key = name.decode("latin-1")
@@ -236,8 +239,8 @@ class Dispatcher:
                 self._remember(memo, runtime, ex, found)
                 return found
         target = ex.target.decode("latin-1")
-        headers = _headers_map(ex.headers) if router.needs_headers else _EMPTY
-        params = _query_params(target) if router.needs_query else _EMPTY
+        headers = fold_headers(ex.headers) if router.needs_headers else _EMPTY
+        params = query_params(target) if router.needs_query else _EMPTY
         authority = ex.authority.decode("latin-1") if ex.authority else ""
         decision = router.match(authority, target, ex.method.decode("latin-1"), headers, params)
         if decision is None:
