@@ -8,7 +8,7 @@ Theory
   Gateway references: ``name`` -> ``<vs namespace>/name``, ``ns/name``, ``./name``, and the
   legacy ``name.ns.svc.cluster.local``.
 
-Every resource parser gets the document's metadata as a ``_Meta`` - kind, name, namespace,
+Every resource parser gets the document's metadata as a ``Meta`` - kind, name, namespace,
 annotations (the health-check one already parsed) and where it was read - and shares the
 constants below.  The YAML-path, type and error helpers (``Reader``, ``Issues``, ``join_path``,
 durations, ports) are ``proxy.istio_reader``'s; this module imports no other ``proxy.istio*``
@@ -50,7 +50,7 @@ def resolve_gateway_name(name: str, namespace: str) -> str:
     return f"{rest.split('.', 1)[0]}/{gw}"
 
 
-def _check_gateway_name(r: Reader, path: str, name: str) -> None:
+def check_gateway_name(r: Reader, path: str, name: str) -> None:
     if name == MESH_GATEWAY:
         return
     ns, slash, gw = name.partition("/")
@@ -66,7 +66,7 @@ def _check_gateway_name(r: Reader, path: str, name: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class _Meta:
+class Meta:
     kind: str
     name: str
     namespace: str
@@ -79,6 +79,6 @@ class _Meta:
         return f"{self.namespace}/{self.name}"
 
 
-def _words(text: str) -> tuple[str, ...]:
+def words(text: str) -> tuple[str, ...]:
     """Field and value lists, written as text to keep the tables short."""
     return tuple(text.split())
