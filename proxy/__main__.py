@@ -15,6 +15,7 @@ import functools
 import os
 import sys
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from proxy import __version__
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "run":
-        return _run(args, parser)
+        return _run(RunArgs.parse(args), parser)
     if args.command == "demo":
         from proxy.demo import run_demo
 
@@ -101,9 +102,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- run
-
-
-_RUN_PARSER: list[argparse.ArgumentParser] = []  # for the workers' command lines
 
 
 def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -199,7 +197,96 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     quick.add_argument(
         "--print-config", action="store_true", help="print the equivalent Istio YAML and exit"
     )
-    _RUN_PARSER[:] = [run]
+
+
+@dataclass(frozen=True, slots=True)
+class RunArgs:
+    """``sticky-proxy run``'s arguments as parsed: one field per option, named like its dest.
+
+    The parser keeps the defaults and the help; this is the typed value ``_run`` reads and
+    ``run_argv`` turns back into a command line (a worker's: ``worker_argv``).
+    """
+
+    paths: tuple[str, ...]
+    listen: tuple[str, ...]
+    dns_refresh: float
+    log_level: str
+    admin_port: str
+    admin_address: str
+    readiness_port: str
+    metrics_port: str
+    ops_address: str
+    access_log: str
+    drain_time: float
+    drain_deadline: float
+    watch: bool
+    workers: str
+    worker: int | None
+    ready_fd: int | None
+    upstream: tuple[str, ...]
+    cookie: str
+    ttl: str
+    passive: bool
+    cookie_path: str | None
+    header: str | None
+    query: str | None
+    source_ip: bool
+    maglev: bool
+    table_size: int | None
+    ring_size: int | None
+    print_config: bool
+
+    @classmethod
+    def parse(cls, namespace: argparse.Namespace) -> RunArgs:
+        """From the ``run`` subcommand's namespace (lists become tuples)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = getattr(namespace, f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+        return cls(**values)
+
+
+def run_argv(args: RunArgs) -> list[str]:
+    """``args`` as a ``run`` command line that parses back to the same ``RunArgs``.
+
+    Every field is written as its option (``--dns-refresh=2.0``), lists as the option repeated,
+    true flags alone, None and false omitted; the paths come last, after ``--``.
+    """
+    argv = ["run"]
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if f.name == "paths" or value is None or value is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, tuple):
+            argv.extend(f"{flag}={item}" for item in value)
+        else:
+            argv.append(f"{flag}={value}")  # one word: a value may start with "-"
+    return [*argv, "--", *args.paths]
+
+
+def worker_argv(
+    args: RunArgs,
+    index: int,
+    listen: Sequence[tuple[str, int]],
+    admin_port: int | None,
+    ready_fd: int,
+) -> list[str]:
+    """The ``run`` command line of worker ``index``: the user's flags, with the supervisor's
+    resolved listen addresses, the admin port on worker 0 only, no readiness/metrics ports."""
+    worker = replace(
+        args,
+        listen=tuple(f"{h}:{p}" for h, p in listen),
+        workers="1",
+        worker=index,
+        ready_fd=ready_fd,
+        admin_port=str(admin_port) if index == 0 and admin_port is not None else "off",
+        readiness_port="off",
+        metrics_port="off",
+    )
+    return run_argv(worker)
 
 
 def _setup_logging(level: str) -> None:
@@ -221,7 +308,7 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
     from proxy.quick import QuickOptions, parse_address, quick_config, quick_yaml
     from proxy.server import RunOptions, run_proxy
 
@@ -287,7 +374,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             metrics=(args.ops_address, metrics) if metrics is not None else None,
             drain_time=args.drain_time,
             drain_deadline=args.drain_deadline,
-            command=functools.partial(_worker_command, args),
+            command=functools.partial(worker_argv, args),
         )
         return _run_loop(supervisor.run())
     worker = args.worker
@@ -331,42 +418,6 @@ def _workers(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"--workers must be a number >= 1 or auto: {text!r}")
     return int(text)
-
-
-def _worker_command(
-    args: argparse.Namespace,
-    index: int,
-    listen: Sequence[tuple[str, int]],
-    admin_port: int | None,
-    ready_fd: int,
-) -> list[str]:
-    """The ``run`` command line of worker ``index``: the user's flags, with the supervisor's
-    resolved listen addresses, the admin port on worker 0 only, no readiness/metrics ports."""
-    override = {
-        "listen": [f"{h}:{p}" for h, p in listen],
-        "workers": "1",
-        "worker": str(index),
-        "ready_fd": str(ready_fd),
-        "admin_port": str(admin_port) if index == 0 and admin_port is not None else "off",
-        "readiness_port": "off",
-        "metrics_port": "off",
-    }
-    argv = ["run"]
-    for action in _RUN_PARSER[0]._actions:
-        if action.dest == "help":
-            continue
-        value = override.get(action.dest, getattr(args, action.dest, None))
-        if not action.option_strings:
-            argv.extend(value or [])
-        elif isinstance(action, argparse._StoreTrueAction):
-            if value:
-                argv.append(action.option_strings[0])
-        elif isinstance(action, argparse._AppendAction):
-            for item in value or []:
-                argv += [action.option_strings[0], str(item)]
-        elif value is not None:
-            argv += [action.option_strings[0], str(value)]
-    return argv
 
 
 # --------------------------------------------------------------------------- check
