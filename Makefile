@@ -8,8 +8,12 @@ BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps
 MODE   := $(if $(filter-out 0,$(STICKY_PROXY_PURE)),pure,compiled)
 STAMP  := $(VENV)/.installed-$(MODE)
-# The modules setup.py compiles (its COMPILED list).
-COMPILED := $(shell sed -n 's|^    "\(proxy/[a-z0-9_]*\.py\)",$$|\1|p' setup.py)
+# The modules setup.py compiles: pyproject.toml's [tool.sticky-proxy] compiled list.
+COMPILED := $(shell $(PYTHON) -c 'import tomllib; \
+	print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["sticky-proxy"]["compiled"])')
+ifeq ($(strip $(COMPILED)),)
+$(error cannot read [tool.sticky-proxy] compiled from pyproject.toml with $(PYTHON))
+endif
 
 .PHONY: demo test lint typecheck unit bench clean
 
@@ -20,7 +24,7 @@ $(DEPS): pyproject.toml
 	touch $@
 
 # Build in place with the venv's own mypy (no isolated build environment to download each time);
-# stale extensions go first, so a module dropped from COMPILED is never shadowed by an old one.
+# stale extensions go first, so a module dropped from the list is never shadowed by an old one.
 $(STAMP): $(DEPS) setup.py $(COMPILED)
 	rm -f proxy/*.so proxy__mypyc*.so $(VENV)/.installed-*
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
@@ -43,7 +47,7 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	bash bench/setup.sh
-	python3 bench/run.py
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache proxy/*.so proxy__mypyc*.so
