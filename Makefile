@@ -15,7 +15,7 @@ ifeq ($(strip $(COMPILED)),)
 $(error cannot read [tool.sticky-proxy] compiled from pyproject.toml with $(PYTHON))
 endif
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit quick bench clean
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest
+
+# The tests without the slow ones (subprocesses, pods under load), while working on something.
+quick: $(STAMP)
+	$(BIN)/pytest -m "not slow"
 
 bench: $(STAMP)
 	bash bench/setup.sh

@@ -66,7 +66,7 @@ async def backend() -> AsyncIterator[Callable[[web.Application], Awaitable[Backe
         runners.append(runner)
         server = site._server
         assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         return Backend(HOST, port)
 
     yield start
@@ -86,14 +86,14 @@ async def raw_backend() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
         async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             assert task is not None
-            tasks.add(task)  # type: ignore[arg-type]
+            tasks.add(task)
             try:
                 await handler(reader, writer)
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
             finally:
                 writer.close()
-                tasks.discard(task)  # type: ignore[arg-type]
+                tasks.discard(task)
 
         server = await asyncio.start_server(run, HOST, 0)
         servers.append(server)

@@ -836,7 +836,7 @@ def test_service_entry_static_endpoints_ports_weights_labels() -> None:
             Endpoint("::1", 9000, 1, (("color", "blue"),)),
         )
     )
-    assert [ep.key for ep in blue.endpoints.endpoints] == ["127.0.0.1:9001", "[::1]:9000"]  # type: ignore[union-attr]
+    assert [ep.key for ep in blue.endpoints.endpoints] == ["127.0.0.1:9001", "[::1]:9000"]
     everyone = config.clusters["outbound|8080||pods.local"]
     assert len(everyone.endpoints.endpoints) == 3  # type: ignore[union-attr]
     assert config.service_ports == {"pods.local": (8080,)}

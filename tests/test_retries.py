@@ -84,7 +84,7 @@ def plan(
     return RetryPlan(attempts, on, codes, backoff=NO_BACKOFF, **kwargs)  # type: ignore[arg-type]
 
 
-async def post(client, body: bytes, path: str = "/") -> object:  # type: ignore[no-untyped-def]
+async def post(client, body: bytes, path: str = "/") -> object:
     await client.send(
         b"POST %s HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s"
         % (path.encode(), len(body), body)
@@ -324,7 +324,7 @@ async def test_connect_failures_share_the_attempt_budget(proxy, pools, forward_a
     dead = [pools(dead_port()) for _ in range(3)]
     asked: list[int] = []
 
-    def next_pool(k: int):  # type: ignore[no-untyped-def]
+    def next_pool(k: int):
         asked.append(k)
         return dead[k]
 
@@ -348,8 +348,8 @@ async def test_every_attempt_reports_to_its_pools_monitor(
     client = await raw_client(await proxy(dispatcher))
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert (await client.read_response()).status == 200
-    assert dead.monitor.seen == [503]  # type: ignore[union-attr]
-    assert live.monitor.seen == [503, 200]  # type: ignore[union-attr]
+    assert dead.monitor.seen == [503]
+    assert live.monitor.seen == [503, 200]
 
 
 # --------------------------------------------------------------------------- circuit breaking
