@@ -4,8 +4,10 @@
     raw_backend    start an asyncio server from a (reader, writer) coroutine -> port
     proxy          start the data plane (``proxy.http1.serve``) with a dispatcher -> port
     pools          make an UpstreamPool to 127.0.0.1:port (closed at teardown)
-    forward_all    the ForwardAll class: a dispatcher sending everything to one pool
     raw_client     open a byte-level HTTP/1.1 client (RawClient) to a port
+
+``ForwardAll`` (``from conftest import ForwardAll``) is a dispatcher sending everything to one
+pool and recording the exchanges.
 
 RawClient is for tests that need control over the bytes (pipelining, malformed input, half
 reads); everything else should use ``aiohttp.ClientSession``.
@@ -275,4 +277,5 @@ async def pools() -> AsyncIterator[Callable[..., UpstreamPool]]:
 
 @pytest.fixture
 def forward_all() -> type[ForwardAll]:
+    """The ForwardAll class, for test_http1*.py until they import it like the others do."""
     return ForwardAll
