@@ -406,10 +406,10 @@ class Proxy:
             log.warning("SIGHUP ignored: still starting")
             return
         log.info("SIGHUP: reloading")
-        self._tasks.append(asyncio.create_task(self._reload_quietly()))
+        self._tasks.append(asyncio.create_task(self._reload_on_signal()))
 
-    async def _reload_quietly(self) -> None:
-        await self.reload()
+    async def _reload_on_signal(self) -> None:
+        await self.reload()  # it logs and counts its outcome; the task keeps no result
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain and stop."""

@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 import pytest
 from conftest import RawClient
-from proxy_process import sample_sum
+from proxy_process import gateway_yaml, sample_sum, service_yaml
 
 from proxy.config import Config, StaticEndpoints
 from proxy.demo import PodSet
@@ -24,45 +24,38 @@ from proxy.runtime import Runtime, RuntimeRef, build_runtime
 
 pytestmark = pytest.mark.timeout(30)
 
-GATEWAY = """
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: gw}
-spec:
-  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
-"""
 
-
-def service(name: str, address: tuple[str, int]) -> str:
-    host, port = address
+def app_routes(http: str) -> str:
+    """The VirtualService of app.test on Gateway gw, with these ``http`` routes."""
     return f"""
 apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: {name}}}
+kind: VirtualService
+metadata: {{name: app}}
 spec:
-  hosts: [{name}.local]
-  ports: [{{number: 80, name: http}}]
-  resolution: STATIC
-  endpoints: [{{address: {host}, ports: {{http: {port}}}}}]
+  hosts: [app.test]
+  gateways: [gw]
+  http: {http}
 """
 
 
 def canary_config(pods: PodSet) -> Config:
     """app.test goes to pod-2 with ``x-canary: yes``, to pod-1 otherwise."""
-    routes = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: app}
-spec:
-  hosts: [app.test]
-  gateways: [gw]
-  http:
+    routes = app_routes("""
   - match: [{headers: {x-canary: {exact: "yes"}}}]
     route: [{destination: {host: canary.local}}]
-  - route: [{destination: {host: stable.local}}]
-"""
-    docs = [GATEWAY, routes, service("stable", pods.addresses[0])]
-    return load_text("---".join([*docs, service("canary", pods.addresses[1])]), "canary.yaml")
+  - route: [{destination: {host: stable.local}}]""")
+    stable, canary = (
+        service_yaml("stable", pods.addresses[0]),
+        service_yaml("canary", pods.addresses[1]),
+    )
+    return load_text("---".join([gateway_yaml(), routes, stable, canary]), "canary.yaml")
+
+
+def simple_config(pods: PodSet) -> Config:
+    """app.test goes to pod-1, whatever the request carries."""
+    routes = app_routes("[{route: [{destination: {host: stable.local}}]}]")
+    stable = service_yaml("stable", pods.addresses[0])
+    return load_text("---".join([gateway_yaml(), routes, stable]), "simple.yaml")
 
 
 def with_endpoints(runtime: Runtime) -> Runtime:
@@ -123,19 +116,6 @@ async def test_a_route_whose_cluster_is_missing_answers_503_and_counts_nc(
     text = metrics.exposition().decode()
     assert sample_sum(text, "istio_requests_total", response_code="503", response_flags="NC") == 1
     assert sample_sum(text, "istio_requests_total", response_code="200") == 1
-
-
-def simple_config(pods: PodSet) -> Config:
-    routes = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: app}
-spec:
-  hosts: [app.test]
-  gateways: [gw]
-  http: [{route: [{destination: {host: stable.local}}]}]
-"""
-    return load_text("---".join([GATEWAY, routes, service("stable", pods.addresses[0])]), "s.yaml")
 
 
 @pytest.mark.parametrize(

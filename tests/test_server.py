@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from proxy_process import gateway_yaml, service_yaml
 
 from proxy.demo import PodSet
 from proxy.istio import load_config, load_text
@@ -23,16 +24,6 @@ pytestmark = pytest.mark.timeout(60)
 ANY = ("127.0.0.1", 0)
 
 
-def gateway(name: str, port: int) -> str:
-    return f"""
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: {name}}}
-spec:
-  servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ["*"]}}]
-"""
-
-
 def routes(name: str, gateway: str, to: str) -> str:
     return f"""
 apiVersion: networking.istio.io/v1
@@ -42,20 +33,6 @@ spec:
   hosts: [app.test]
   gateways: [{gateway}]
   http: [{{route: [{{destination: {{host: {to}.local, port: {{number: 80}}}}}}]}}]
-"""
-
-
-def service(name: str, address: tuple[str, int]) -> str:
-    host, port = address
-    return f"""
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: {name}}}
-spec:
-  hosts: [{name}.local]
-  ports: [{{number: 80, name: http}}]
-  resolution: STATIC
-  endpoints: [{{address: {host}, ports: {{http: {port}}}}}]
 """
 
 
@@ -84,12 +61,12 @@ async def test_each_listen_address_serves_the_routes_of_its_gateway_port(
     # Gateway port 80 routes app.test to pod-1, port 8080 to pod-2; --listen addresses are
     # given in the order of the ports, each serving its own port's routes.
     docs = [
-        gateway("web", 80),
-        gateway("alt", 8080),
+        gateway_yaml("web", 80),
+        gateway_yaml("alt", 8080),
         routes("web", "web", "stable"),
         routes("alt", "alt", "canary"),
-        service("stable", pods.addresses[0]),
-        service("canary", pods.addresses[1]),
+        service_yaml("stable", pods.addresses[0]),
+        service_yaml("canary", pods.addresses[1]),
     ]
     config = load_text("---".join(docs), "ports.yaml")
     proxy = Proxy(config, RunOptions(listen=(ANY, ANY)))
@@ -114,9 +91,9 @@ async def test_a_reload_that_adds_a_cluster_serves_its_first_request(
 ) -> None:
     files = tmp_path / "istio.yaml"
     before = [
-        gateway("web", 80),
+        gateway_yaml("web", 80),
         routes("web", "web", "stable"),
-        service("stable", pods.addresses[0]),
+        service_yaml("stable", pods.addresses[0]),
     ]
     files.write_text("---".join(before))
     proxy = Proxy(load_config([str(files)]), RunOptions(listen=(ANY,), config_paths=(str(files),)))
@@ -125,9 +102,9 @@ async def test_a_reload_that_adds_a_cluster_serves_its_first_request(
         (address,) = proxy.addresses
         assert await pod_at(session, address) == "pod-1"
         after = [
-            gateway("web", 80),
+            gateway_yaml("web", 80),
             routes("web", "web", "canary"),
-            service("canary", pods.addresses[1]),
+            service_yaml("canary", pods.addresses[1]),
         ]
         files.write_text("---".join(after))
         assert await proxy.reload()
