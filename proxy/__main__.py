@@ -21,6 +21,7 @@ from typing import Any
 from proxy import __version__
 from proxy.config import Config, ConfigError
 from proxy.istio import load_config
+from proxy.istio_reader import DURATION_HINT, parse_duration
 
 EXIT_OK = 0
 EXIT_NO_ROUTE = 1
@@ -174,6 +175,26 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ops.add_argument(
         "--watch", action="store_true", help="reload when the config files change (SIGHUP too)"
     )
+    limits = run.add_argument_group(
+        "client timeouts (Istio durations such as 500ms, 60s, 1m, or seconds)"
+    )
+    limits.add_argument(
+        "--idle-timeout", type=duration_arg, default=75.0, metavar="DURATION",
+        help="close a keep-alive connection idle this long (75s)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--header-timeout", type=duration_arg, default=60.0, metavar="DURATION",
+        help="408 when a request head is not complete this long after its first byte, or after "
+        "a new connection opened (60s)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--body-timeout", type=duration_arg, default=60.0, metavar="DURATION",
+        help="408 when a request body makes no progress this long (60s)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--send-timeout", type=duration_arg, default=60.0, metavar="DURATION",
+        help="close when the client reads nothing of its response this long (60s)",
+    )  # fmt: skip
     ops.add_argument(
         "--workers",
         default="1",
@@ -220,6 +241,10 @@ class RunArgs:
     drain_time: float
     drain_deadline: float
     watch: bool
+    idle_timeout: float
+    header_timeout: float
+    body_timeout: float
+    send_timeout: float
     workers: str
     worker: int | None
     ready_fd: int | None
@@ -289,6 +314,20 @@ def worker_argv(
     return run_argv(worker)
 
 
+def duration_arg(text: str) -> float:
+    """Seconds from an Istio/Go duration (``500ms``, ``1m30s``) or a plain number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            seconds = parse_duration(text) / 1e9
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc} ({DURATION_HINT}, or seconds)") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return seconds
+
+
 def _setup_logging(level: str) -> None:
     import logging
 
@@ -309,6 +348,7 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
+    from proxy.exchange import ServerSettings
     from proxy.quick import QuickOptions, parse_address, quick_config, quick_yaml
     from proxy.server import RunOptions, run_proxy
 
@@ -383,6 +423,12 @@ def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
 
         die_with_parent()
     options = RunOptions(
+        settings=ServerSettings(
+            idle_timeout=args.idle_timeout,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+            send_timeout=args.send_timeout,
+        ),
         listen=listen,
         dns_refresh=args.dns_refresh,
         drain_time=args.drain_time,

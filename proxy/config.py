@@ -192,7 +192,7 @@ class ConnectionPoolSettings:
     http2_max_requests: int = UINT32_MAX
     max_requests_per_connection: int = 0  # 0: unlimited
     max_retries: int = UINT32_MAX
-    idle_timeout: float = 3600.0
+    idle_timeout: float = 3600.0  # upstream idle keep-alive connections; 0 = never closed
     h2_upgrade_policy: str = "DEFAULT"
     use_client_protocol: bool = False
     max_concurrent_streams: int | None = None
@@ -394,6 +394,10 @@ class RetryPolicy:
     retry_remote_localities: bool = False
     backoff: float | None = None
     host_selection_max_attempts: int = 5
+    # Written in the VirtualService: the user asked for these retries, so a request that may
+    # have reached the pod is sent again even when its method is not idempotent (Istio's
+    # behaviour). Istio's implicit default never resends those (RFC 9110 §9.2.2).
+    explicit: bool = False
 
 
 @dataclass(frozen=True, slots=True)

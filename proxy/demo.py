@@ -230,7 +230,7 @@ def make_pod_app(name: str, state: PodState | None = None) -> web.Application:
     app.router.add_post("/healthz/ok", handle_healthz_ok)
     app.router.add_get("/ws", handle_ws)
     app.router.add_get("/slow", handle_slow)
-    app.router.add_get("/status/{code}", handle_status)
+    app.router.add_route("*", "/status/{code}", handle_status)  # any method: retry tests
     app.router.add_get("/bytes", handle_bytes)
     app.router.add_post("/upload", handle_upload)
     app.router.add_put("/upload", handle_upload)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
+        b"http2-settings",  # only ever sent with "Upgrade: h2c", which we strip
         b"keep-alive",
         b"proxy-connection",
         b"te",
@@ -39,9 +40,18 @@ class ServerSettings:
     """Listener settings (defaults are Envoy's where Envoy has one)."""
 
     max_header_bytes: int = 60 * 1024
-    header_timeout: float = 60.0  # a client slower than this sending a head gets 408
-    idle_timeout: float = 3600.0  # keep-alive connection with no request in flight
+    max_headers: int = 100  # Envoy's max_headers_count: more is a 431
+    # The client's side, nginx's defaults (Envoy has none this short): a head not complete
+    # within header_timeout gets 408 (a new connection must start one as soon); a kept-alive
+    # connection waits idle_timeout for the next request; a request body or a response read
+    # that makes no progress for body_timeout / send_timeout ends the exchange (408 or close).
+    header_timeout: float = 60.0
+    idle_timeout: float = 75.0
+    body_timeout: float = 60.0
+    send_timeout: float = 60.0
     max_pipeline: int = 32  # queued pipelined requests before we stop parsing and close after
+    # Upgrade protocols forwarded (lower case); h2c is always stripped, any other is a 403.
+    upgrades: frozenset[bytes] = frozenset({b"websocket"})
     xff: bool = True  # append the peer to x-forwarded-for, set x-forwarded-proto
     proto: str = "http"  # value of x-forwarded-proto
     server_name: str = "sticky-proxy"  # `server` header of local replies
@@ -49,10 +59,14 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.max_header_bytes < 1024:
             raise ValueError("max_header_bytes must be at least 1024")
-        if self.header_timeout <= 0 or self.idle_timeout <= 0:
+        if min(self.header_timeout, self.idle_timeout, self.body_timeout, self.send_timeout) <= 0:
             raise ValueError("timeouts must be > 0")
+        if self.max_headers < 1:
+            raise ValueError("max_headers must be >= 1")
         if self.max_pipeline < 1:
             raise ValueError("max_pipeline must be >= 1")
+        if b"h2c" in self.upgrades or any(p != p.lower() for p in self.upgrades):
+            raise ValueError("upgrades are lower-case protocol names, h2c excluded (stripped)")
 
 
 def _check_header(name: bytes, value: bytes) -> None:
@@ -164,10 +178,12 @@ class Exchange:
 
     ``flags`` are Envoy's response flags: "-" none, set here: DC downstream closed, DPE
     downstream protocol error, UF upstream connect failure, UC upstream closed/reset, UPE
-    upstream protocol error, UT upstream timeout; the dispatcher may set its own (NR, UH, ...)
-    before returning a LocalReply; UO is a circuit breaker overflow. ``bytes_received``/
-    ``bytes_sent`` count body bytes (tunnel bytes after a 101). ``status`` is 0 when no response
-    was started. ``retries`` counts the attempts after the first (connect failures included).
+    upstream protocol error, UT upstream timeout, SI a client that stopped sending its body or
+    reading its response; the dispatcher may set its own (NR, UH, ...) before returning a
+    LocalReply; UO is a circuit breaker overflow. ``bytes_received``/``bytes_sent`` count body
+    bytes (tunnel bytes after a 101). ``status`` is 0 when no response was started.
+    ``retries`` counts the attempts after the first (connect failures included), ``replays``
+    those that sent the request again after it had reached a pod.
     """
 
     __slots__ = (
@@ -192,6 +208,7 @@ class Exchange:
         "memo",
         "method",
         "peer",
+        "replays",
         "request_id",
         "retries",
         "sock",
@@ -220,6 +237,7 @@ class Exchange:
         self.upstream: str | None = None
         self.request_id = b""
         self.retries = 0
+        self.replays = 0  # sent again after it reached a pod (retries, stale connection)
         self.tag: object = None  # the dispatcher's own per-exchange state (http1 ignores it)
         # The dispatcher's own per-connection state: http1 hands each exchange the value the
         # previous one of its connection left here, and never looks inside.

@@ -5,14 +5,26 @@ What the client sees when something goes wrong (the one place failures become re
     where it breaks                                   client gets                          flags
     ------------------------------------------------  -----------------------------------  -----
     downstream (the client)
-      head > max_header_bytes                         431 Request Header Fields Too Large   DPE
+      head > max_header_bytes, > max_headers lines    431 Request Header Fields Too Large   DPE
       malformed line/header/chunk, CL+TE, obs-fold,   400 Bad Request                       DPE
-        duplicate Host, no Host on 1.1, TE on 1.0
+        duplicate Host, no Host on 1.1, TE on 1.0,
+        Host not host[:port], a target other than
+        origin/absolute form (OPTIONS * excepted),
+        absolute-form authority other than Host
       Transfer-Encoding other than chunked            501 Not Implemented                   DPE
       HTTP version other than 1.0/1.1                 505 HTTP Version Not Supported        DPE
       CONNECT                                         405 Method Not Allowed                DPE
+      Upgrade to a protocol the listener does not     403 Forbidden                         DPE
+        allow (h2c is stripped instead: _feed)
       head not complete within header_timeout         408 Request Timeout                   -
+        of its first byte
+      request body stalls for body_timeout            408 Request Timeout; upstream reset   SI
         (all of the above then close the connection; other connections are untouched)
+      no first byte within header_timeout of the      nothing; closed                       -
+        connection's start, or within idle_timeout
+        of the previous response (keep-alive)
+      client reads nothing of its response            nothing; closed, upstream reset       SI
+        for send_timeout
       client closes mid-request or mid-response       nothing; upstream connection dropped  DC
     dispatcher
       LocalReply(...)                                 as given (404 no route, 503 ...)      its own
@@ -26,7 +38,8 @@ What the client sees when something goes wrong (the one place failures become re
                                                           reset reason: connection failure  UF
       closed after the request, before the head       503 ... reset reason: connection
         (a reused idle connection with nothing            termination                       UC
-         but a head sent is first retried once)
+         but a head sent is first retried once,
+         when idempotent or the route asked)
       not HTTP (bad status line, bad chunk, ...)      502 ... reset reason: protocol error  UPE
       no complete response within Forward.timeout     504 upstream request timeout          UT
         or the retry plan's per-try timeout
@@ -34,7 +47,7 @@ What the client sees when something goes wrong (the one place failures become re
 
 Retries (Forward.retry, a RetryPlan precomputed per route from the VirtualService ``retries``)
 ----------------------------------------------------------------------------------------------
-Envoy's router, with one deliberate difference. A failure is retried while the plan has attempts
+Envoy's router, with two deliberate differences. A failure is retried while the plan has attempts
 left, the cluster's ``max_retries`` breaker has room, nothing of the response reached the client,
 and the request can be sent again:
 
@@ -57,9 +70,15 @@ that do not hash; ``retryIgnorePreviousHosts`` decides when given).
 
 "Sent again" means: the request had no body, or its whole body is held in the replay buffer
 (``RetryPlan.replay_limit``, 64 KiB); a longer body, an upgrade, or a request whose body had not
-ended yet is never replayed. A retried response is read to its end and dropped (its connection
-stays reusable); the retry waits Envoy's jittered back-off (25 ms base) except after a connect
-failure. gRPC tokens (cancelled, unavailable, ...) and refused-stream need HTTP/2 and never match.
+ended yet is never replayed. A request whose method is not idempotent (POST, PATCH, ...: RFC
+9110 §9.2.2, a proxy must not retry those on its own) is sent again only when the route's
+``retries`` were written in the VirtualService (``RetryPlan.explicit``); Istio's implicit
+default retries it only where nothing was sent (connect failures). That is the second
+deliberate difference: Istio would resend a POST whose body reached the pod and got a 503.
+Every resend of a request that reached a pod counts in ``Exchange.replays``. A retried
+response is read to its end and dropped (its connection stays reusable); the retry waits
+Envoy's jittered back-off (25 ms base) except after a connect failure. gRPC tokens
+(cancelled, unavailable, ...) and refused-stream need HTTP/2 and never match.
 
 Every attempt reports its outcome to ``UpstreamPool.monitor`` (outlier detection): the status,
 503 for a connect failure or a reset, 504 for a timeout; an overflow reports nothing (Envoy).
@@ -118,7 +137,8 @@ from proxy.exchange import (
     LocalReply,
     ServerSettings,
 )
-from proxy.retry import RetryPlan
+from proxy.framing import authority_ok, same_authority, split_absolute_form
+from proxy.retry import IDEMPOTENT, RetryPlan
 from proxy.upstream import (
     OPEN,
     PROTOCOL_ERROR,
@@ -198,6 +218,7 @@ _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 _CONNECTION_TOKENS_IGNORED: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 _CRLF: Final = b"\r\n"
+_OWS: Final = b" \t"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _CHUNKED_LINE: Final = b"transfer-encoding: chunked\r\n"
 _CLOSE_LINE: Final = b"connection: close\r\n"
@@ -357,7 +378,11 @@ class HttpConnection(asyncio.Protocol):
         self._max_head = settings.max_header_bytes
         self._header_timeout = settings.header_timeout
         self._idle_timeout = settings.idle_timeout
+        self._body_timeout = settings.body_timeout
+        self._send_timeout = settings.send_timeout
         self._max_pipeline = settings.max_pipeline
+        self._max_headers = settings.max_headers
+        self._upgrades = settings.upgrades
         self._xff = settings.xff
         self._proto_line = b"x-forwarded-proto: " + settings.proto.encode() + _CRLF
         self._request_drop = shared.request_drop
@@ -379,14 +404,21 @@ class HttpConnection(asyncio.Protocol):
         self._head_open = False  # between on_message_begin and on_headers_complete
         self._head_bytes = 0  # size of the head so far, as seen through the callbacks
         self._head_unparsed = 0  # bytes fed while the head stayed open (httptools buffers them)
+        self._stripped: Exchange | None = None  # its h2c upgrade was stripped (_feed)
+        self._resuming: Exchange | None = None  # its body follows our head (_feed)
         self._fresh = b""  # the bytes being fed, when they start at a request line
         self._messages = 0
         self._idle_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._body_watched: Exchange | None = None  # whose body _on_timer checks for progress
+        self._body_seen = 0  # its body bytes at the last check
+        self._body_since = 0.0  # ... and when that check was
+        self._write_paused_at = 0.0
         self._wbuf: list[bytes] = []
         self._batched = False  # in _shared.batch: its writes go out at the iteration's end
         self._memo: object = None  # the dispatcher's, carried from one exchange to the next
+        self._host_ok = b""  # the last Host found valid here (clients repeat theirs)
 
         # per-request state (the active exchange)
         self._active: Exchange | None = None
@@ -460,6 +492,8 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._write_paused_at = now = self._loop.time()
+        self._set_deadline(now + self._send_timeout)
         if self._upstream is not None:
             self._upstream.pause_reading()
 
@@ -483,23 +517,54 @@ class HttpConnection(asyncio.Protocol):
         if self._parsing is None:
             self._fresh = data
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._upgrade_data(data[exc.args[0] :])
-        except httptools.HttpParserError as exc:
-            self._parse_error(exc)
+            self._feed(data)
         finally:
             self._in_feed = False
             self._fresh = b""
         if self._head_open:
             self._head_still_open(len(data), head_was_open and messages == self._messages)
+        elif self._parsing is not None and self._parsing is not self._body_watched:
+            self._watch_body(self._parsing)
         if len(data) < FLUSH_NOW:
             self.flush_soon()
         else:
             self._flush_both()
 
+    def _feed(self, data: bytes) -> None:
+        parser = self._parser
+        while True:
+            try:
+                parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                rest = data[exc.args[0] :]
+            except httptools.HttpParserError as exc:
+                self._parse_error(exc)
+                return
+            ex = self._stripped
+            if ex is None:
+                self._upgrade_data(rest)  # the rest is the new protocol's
+                return
+            # An h2c upgrade we strip: llhttp stopped right after its head, as for any upgrade
+            # (httptools makes it skip the body), and httptools has already resumed it, so
+            # what follows is HTTP again. A declared body comes first: a new parser reads it
+            # behind a head of ours with the same framing (on_message_begin knows it).
+            self._fresh = b""
+            self._stripped = None
+            if ex._body_done:
+                data = rest
+                continue
+            self._resuming = ex
+            parser = self._parser = httptools.HttpRequestParser(self)
+            framing = _CHUNKED_LINE if ex._chunked else b"content-length: %s\r\n" % ex._cl
+            data = b"PUT / HTTP/1.1\r\n" + framing + _CRLF + rest
+
     # ================================================================== httptools callbacks
     def on_message_begin(self) -> None:
+        ex = self._resuming
+        if ex is not None:
+            self._parsing = ex  # our head for a stripped upgrade's body (_feed): not a request
+            return
         if self._closed or len(self._queue) >= self._max_pipeline:
             raise _StopParsing  # answer what we have, then close
         self._messages += 1
@@ -509,6 +574,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_unparsed = 0
 
     def on_url(self, url: bytes) -> None:
+        if self._resuming is not None:
+            return
         ex = self._parsing
         assert ex is not None
         ex.target += url
@@ -525,7 +592,10 @@ class HttpConnection(asyncio.Protocol):
         if self._head_bytes > self._max_head:
             raise _RequestError(431, b"request header fields too large")
         name = _LOWER(name)
-        ex.headers.append((name, value))
+        headers = ex.headers
+        if len(headers) >= self._max_headers:
+            raise _RequestError(431, b"too many headers")
+        headers.append((name, value))
         kind = _SPECIAL.get(name)
         if kind is not None:
             if kind == _H_HOST and ex.authority is None:
@@ -536,6 +606,9 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         ex = self._parsing
         assert ex is not None
+        if self._resuming is not None:
+            self._resuming = None  # what follows is the stripped upgrade's body
+            return
         self._head_open = False
         parser = self._parser
         ex.method = parser.get_method()
@@ -602,6 +675,8 @@ class HttpConnection(asyncio.Protocol):
         ex = self._parsing
         assert ex is not None
         self._parsing = None
+        if ex is self._stripped:
+            return  # not complete: llhttp skipped its body, which _feed reads next
         if ex._body_done:
             return  # bodiless request: already complete at the head
         ex._body_done = True
@@ -641,30 +716,56 @@ class HttpConnection(asyncio.Protocol):
             raise _RequestError(400, b"transfer-encoding in an HTTP/1.0 request")  # RFC 9112 §6.1
         if ex.method == b"CONNECT":
             raise _RequestError(405, b"CONNECT is not supported")
+        if ex.authority is None and ex.version == b"1.1":
+            raise _RequestError(400, b"missing host header")  # RFC 9112 §3.2, any target form
         target = ex.target
+        if b"#" in target:
+            raise _RequestError(400, b"invalid request target")  # a fragment: Envoy's 400 too
         if target[:1] != b"/":
-            if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            if target == b"*":
+                if ex.method != b"OPTIONS":
+                    raise _RequestError(400, b"invalid request target")
+            else:
                 self._absolute_form(ex)
-            elif target != b"*" or ex.method != b"OPTIONS":
-                raise _RequestError(400, b"invalid request target")
-        if ex.authority is None:
-            if ex.version == b"1.1":
-                raise _RequestError(400, b"missing host header")  # RFC 9112 §3.2
-            ex.authority = b""
-        if ex._upgrade is not None and not self._parser.should_upgrade():
+        authority = ex.authority
+        if authority is None:
+            ex.authority = b""  # HTTP/1.0 without Host
+        elif authority != self._host_ok:
+            if authority[-1:] == b" " or authority[-1:] == b"\t":
+                ex.authority = authority = authority.rstrip(_OWS)  # llhttp keeps trailing OWS
+            if not authority_ok(authority):
+                raise _RequestError(400, b"invalid host header")
+            self._host_ok = authority
+        if ex._upgrade is not None:
+            self._check_upgrade(ex)
+
+    def _check_upgrade(self, ex: Exchange) -> None:
+        """Forward the upgrades the listener allows (WebSocket by default, as Istio): h2c is
+        stripped, as Envoy does (HTTP/2 behind our back would bypass routing); any other
+        protocol is a 403, Envoy's answer to an upgrade it is not configured for."""
+        if not self._parser.should_upgrade():
             ex._upgrade = None  # Upgrade without "Connection: upgrade" is just a header
+            return
+        assert ex._upgrade is not None
+        protocol = ex._upgrade.strip().lower()
+        if protocol in self._upgrades:
+            return
+        if protocol != b"h2c":
+            raise _RequestError(403, b"upgrade not allowed")
+        ex._upgrade = None
+        self._stripped = ex  # llhttp will stop after this head all the same: see _feed
 
     @staticmethod
     def _absolute_form(ex: Exchange) -> None:
-        try:
-            url = httptools.parse_url(ex.target)
-        except httptools.HttpParserInvalidURLError:
-            raise _RequestError(400, b"invalid request target") from None
-        if not url.host:
+        """RFC 9112 §3.2.2: the target's authority replaces Host (which must agree with it)."""
+        split = split_absolute_form(ex.target)
+        if split is None:
             raise _RequestError(400, b"invalid request target")
-        ex.authority = url.host if url.port is None else b"%s:%d" % (url.host, url.port)
-        path = url.path or b"/"
-        ex.target = path + b"?" + url.query if url.query is not None else path
+        authority, path = split
+        if ex.authority is not None and not same_authority(ex.authority, authority, ex.target):
+            raise _RequestError(400, b"host header does not match the request target")
+        ex.authority = authority
+        ex.target = path
 
     # ================================================================== exchange lifecycle
     def _activate(self, ex: Exchange) -> None:
@@ -813,6 +914,8 @@ class HttpConnection(asyncio.Protocol):
             return False
         if ex.bytes_received and ex._replay is None:
             return False  # a body we did not keep (too long): never replayed
+        if not plan.may_resend(ex.method):
+            return False  # it may have been processed: only when the route asked (docstring)
         return self._take_retry(plan)
 
     def _retry(self, ex: Exchange, plan: RetryPlan) -> None:
@@ -821,6 +924,7 @@ class HttpConnection(asyncio.Protocol):
         self._drop_upstream()
         self._try_deadline = None
         ex.retries += 1
+        ex.replays += 1
         fwd = self._forward
         pool = self._pool
         assert fwd is not None and pool is not None
@@ -1121,17 +1225,25 @@ class HttpConnection(asyncio.Protocol):
             self._retry_dropped()
             return
         protocol = reason == PROTOCOL_ERROR
-        if retryable and not self._retried and not protocol and not self._started:
-            # A stale keep-alive connection the server closed as we reused it; nothing of the
-            # request body went out, so sending it again cannot duplicate anything.
+        plan = self._forward.retry if self._forward is not None else None
+        if (
+            retryable
+            and not self._retried
+            and not protocol
+            and not self._started
+            and (ex.method in IDEMPOTENT or (plan is not None and plan.explicit and plan.on_reset))
+        ):
+            # A stale keep-alive connection the server closed as we reused it: only the head
+            # went out, and the server most likely closed before reading it. Most likely is
+            # not surely, so a non-idempotent request is resent only when the route asked.
             self._retried = True
+            ex.replays += 1
             assert self._pool is not None
             self._use_pool(self._pool, fresh=True)
             return
         pool = self._pool
         if pool is not None and pool.monitor is not None:
             pool.monitor.put(503)  # Envoy counts a reset as a locally originated 503
-        plan = self._forward.retry if self._forward is not None else None
         if plan is not None and plan.on_reset and self._may_retry(ex, plan):
             self._retry(ex, plan)
             return
@@ -1279,6 +1391,7 @@ class HttpConnection(asyncio.Protocol):
         """The client sent something we cannot parse: reject it in turn and close."""
         self._pause(_P_DONE)
         self._head_open = False
+        self._stripped = self._resuming = None
         cause = callback_error(exc)
         if isinstance(cause, _StopParsing):
             self._parsing = None
@@ -1355,8 +1468,14 @@ class HttpConnection(asyncio.Protocol):
     # timeout the cost is one timer per timeout period instead of two timer calls per request.
     def _go_idle(self, now: float) -> None:
         self._idle_since = now
-        if self._timer is None or self._timer_at > now + self._idle_timeout:
-            self._set_deadline(now + self._idle_timeout)
+        at = now + self._idle_limit()
+        if self._timer is None or self._timer_at > at:
+            self._set_deadline(at)
+
+    def _idle_limit(self) -> float:
+        """How long the connection may wait for a request's first byte: a new connection gets
+        the head's time (nginx's client_header_timeout), a kept-alive one the idle timeout."""
+        return self._idle_timeout if self._messages else self._header_timeout
 
     def _set_deadline(self, at: float) -> None:
         if self._timer is not None:
@@ -1377,6 +1496,13 @@ class HttpConnection(asyncio.Protocol):
         if ex is not None:
             self._set_deadline(ex.start + self._header_timeout)
 
+    def _watch_body(self, ex: Exchange) -> None:
+        """A read ended inside ``ex``'s body: from now on it must keep coming (body_timeout)."""
+        self._body_watched = ex
+        self._body_seen = ex.bytes_received
+        self._body_since = ex.start  # no clock read per request: the head was just now
+        self._set_deadline(ex.start + self._body_timeout)
+
     def _on_timer(self) -> None:
         self._timer = None
         if self._closed:
@@ -1395,6 +1521,11 @@ class HttpConnection(asyncio.Protocol):
                     self._on_timer()  # re-arm whatever deadlines remain
                 return
             deadlines.append(self._try_deadline)
+        if self._write_paused:
+            if now >= self._write_paused_at + self._send_timeout:
+                self._stalled(None)  # the client stopped reading what we send it
+                return
+            deadlines.append(self._write_paused_at + self._send_timeout)
         ex = self._parsing
         if self._head_open and ex is not None:
             head_deadline = ex.start + self._header_timeout
@@ -1402,8 +1533,18 @@ class HttpConnection(asyncio.Protocol):
                 self._reject_open_head(408, b"request timeout")
                 return
             deadlines.append(head_deadline)
+        elif ex is not None and ex is self._body_watched:
+            if self._paused or ex.bytes_received != self._body_seen:
+                # Progress, or we are the ones not reading (upstream full, request queued):
+                # the client gets a whole new period from here.
+                self._body_seen = ex.bytes_received
+                self._body_since = now
+            elif now >= self._body_since + self._body_timeout:
+                self._stalled(ex)  # the client stopped sending its body
+                return
+            deadlines.append(self._body_since + self._body_timeout)
         elif self._active is None and not self._queue:
-            idle_deadline = self._idle_since + self._idle_timeout
+            idle_deadline = self._idle_since + self._idle_limit()
             if now >= idle_deadline:
                 self._close()
                 return
@@ -1411,6 +1552,26 @@ class HttpConnection(asyncio.Protocol):
         if deadlines:
             self._set_deadline(min(deadlines))
         # else busy with no response deadline: _go_idle re-arms when the exchange ends
+
+    def _stalled(self, ex: Exchange | None) -> None:
+        """A client stopped sending its request body (``ex``) or reading its response (None)
+        for a whole period: reset the upstream request, answer 408 if we still can, close."""
+        self._pause(_P_DONE)
+        active = self._active
+        if active is not None and active.flags == "-":
+            active.flags = "SI"  # Envoy's stream idle timeout
+        if ex is None:
+            # What we hold for it would never drain: reset rather than close after a flush.
+            self._abort()
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if ex is not active or self._started:
+            self._abort()  # the next pipelined requests (if any) are dropped with the connection
+            return
+        self._parsing = None
+        self._drop_upstream()
+        self._local_reply(ex, 408, b"request timeout", close=True)
 
     def _reject_open_head(self, status: int, text: bytes) -> None:
         ex = self._parsing

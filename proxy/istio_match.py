@@ -28,6 +28,7 @@ from proxy.istio_names import (
     words,
 )
 from proxy.istio_reader import Reader, join_path, type_name
+from proxy.regex import compile_regex
 
 _MATCH_FIELDS = words(
     "name uri scheme method authority headers port sourceLabels gateways queryParams "
@@ -84,8 +85,8 @@ def regex_ok(r: Reader, path: str, pattern: str) -> bool:
         )
         return False
     try:
-        re.compile(pattern)
-    except re.error as exc:
+        compile_regex(pattern)
+    except ValueError as exc:
         r.error(
             path,
             f"{pattern!r}: {exc}; Istio uses RE2 style regex-based match "

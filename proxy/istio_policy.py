@@ -351,6 +351,10 @@ def _connection_pool(
         values["max_concurrent_streams"] = r.integer(hp, "maxConcurrentStreams", hpath, minimum=0)
         if values["h2_upgrade_policy"] == "UPGRADE" and values["use_client_protocol"]:
             r.error(hpath, "use client protocol must not be true when H2UpgradePolicy is UPGRADE")
+    if values.get("idle_timeout") is None:
+        # Istio's applyConnectionPool: tcp.idleTimeout stands in for http.idleTimeout, both
+        # being Envoy's upstream idle_timeout (0 disables it).
+        values["idle_timeout"] = values.get("tcp_idle_timeout")
     set_values = {k: v for k, v in values.items() if v is not None}
     return replace(pool, **set_values)  # type: ignore[arg-type]
 

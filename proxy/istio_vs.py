@@ -466,6 +466,7 @@ def _retries(
         per_try_timeout=per_try,
         retry_remote_localities=bool(remote),
         backoff=backoff,
+        explicit=True,
     )
     if retry_on:
         conditions: list[str] = []
@@ -488,5 +489,6 @@ def _retries(
             per_try_timeout=per_try,
             retry_remote_localities=bool(remote),
             backoff=backoff,
+            explicit=True,
         )
     return policy, True, ignore_previous

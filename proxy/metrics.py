@@ -182,6 +182,12 @@ class Metrics:
             ("cluster_name", "reason"),
             registry=reg,
         )
+        self.replays = Counter(
+            "sticky_requests_replayed",
+            "Requests sent again after they had reached an endpoint (retries, stale connections)",
+            c,
+            registry=reg,
+        )
         self.rebuilds = Counter("sticky_balancer_rebuilds", "Ring/table rebuilds", c, registry=reg)
         self.reloads = Counter(
             "sticky_config_reloads", "Configuration reloads", ("result",), registry=reg
@@ -352,6 +358,8 @@ class ClusterStats:
         "cookies",
         "name",
         "rehomed",
+        "replayed",
+        "replays",
         "retried",
         "retries",
     )
@@ -368,6 +376,8 @@ class ClusterStats:
         self.retried = 0  # attempts after the first, from Exchange.retries
         self._cookies_child = metrics.cookies_issued.labels(self.name)
         self.retries = metrics.upstream_retries.labels(self.name)
+        self.replayed = 0  # from Exchange.replays
+        self.replays = metrics.replays.labels(self.name)
         self.rehomed = metrics.rehomed.labels(self.name, "connect_failure")
         metrics.all_stats.append(self)
 
@@ -413,6 +423,8 @@ class ClusterStats:
             t.up += 1
         if ex.retries:
             self.retried += ex.retries
+        if ex.replays:
+            self.replayed += ex.replays
 
     def flush(self) -> None:
         for tally in list(self._by_result.values()):
@@ -420,6 +432,9 @@ class ClusterStats:
         if self.retried:
             self.retries.inc(self.retried)
             self.retried = 0
+        if self.replayed:
+            self.replays.inc(self.replayed)
+            self.replayed = 0
         if self.cookies:
             self._cookies_child.inc(self.cookies)
             self.cookies = 0

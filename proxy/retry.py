@@ -36,6 +36,8 @@ _RETRY_ON_BITS: Final = {
 _ON_RESET: Final = RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET
 _ON_CONNECT: Final = _ON_RESET | RETRY_CONNECT_FAILURE | RETRY_RESET_BEFORE_REQUEST
 REPLAY_LIMIT: Final = 64 * 1024
+# RFC 9110 §9.2.2: methods whose repetition has the effect of one request.
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 BACKOFF_BASE: Final = 0.025  # Envoy's default base retry interval
 
 
@@ -51,6 +53,7 @@ class RetryPlan:
     __slots__ = (
         "attempts",
         "backoff",
+        "explicit",
         "on",
         "on_connect",
         "on_reset",
@@ -70,6 +73,7 @@ class RetryPlan:
         other_hosts: bool = False,
         backoff: float = BACKOFF_BASE,
         replay_limit: int = REPLAY_LIMIT,
+        explicit: bool = True,
     ) -> None:
         if attempts < 0 or replay_limit < 0 or backoff < 0:
             raise ValueError("attempts, replay_limit and backoff must be >= 0")
@@ -93,6 +97,8 @@ class RetryPlan:
         self.other_hosts = other_hosts
         self.backoff = backoff
         self.replay_limit = replay_limit
+        # Asked for in the VirtualService: non-idempotent requests are resent too (see http1).
+        self.explicit = explicit
 
     def __repr__(self) -> str:
         return (
@@ -115,7 +121,12 @@ class RetryPlan:
             per_try_timeout=policy.per_try_timeout,
             other_hosts=policy.retry_previous_hosts,
             backoff=policy.backoff if policy.backoff else BACKOFF_BASE,
+            explicit=policy.explicit,
         )
+
+    def may_resend(self, method: bytes) -> bool:
+        """Whether a request that may have reached the pod can be sent again under this plan."""
+        return self.explicit or method in IDEMPOTENT
 
     def connect_retries(self, endpoints: int) -> int:
         """How many connect failures may move on to another endpoint (``endpoints`` in all)."""

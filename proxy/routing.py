@@ -34,7 +34,6 @@ depends on the request (the chosen action, the upstream path, a redirect's Locat
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +57,7 @@ from proxy.config import (
     host_subset_of,
 )
 from proxy.exchange import HeaderEdit, LocalReply
+from proxy.regex import Match, Regex, compile_regex
 
 # --------------------------------------------------------------------------- results
 
@@ -176,7 +176,7 @@ class _StringTest:
         self.kind = match.kind
         self.ci = ignore_case
         self.value = match.value.lower() if ignore_case else match.value
-        self.regex = re.compile(match.value) if match.kind == "regex" else None
+        self.regex = compile_regex(match.value) if match.kind == "regex" else None
 
     def __call__(self, value: str) -> bool:
         kind = self.kind
@@ -253,12 +253,12 @@ class _Entry:
         uri = m.uri
         self.match_index = match_index
         self.path_ci = m.ignore_uri_case
-        self.path_regex: re.Pattern[str] | None = None
+        self.path_regex: Regex | None = None
         if uri is None or uri.kind == "present":
             self.path_kind, self.path_value = "prefix", "/"
         elif uri.kind == "regex":
             self.path_kind, self.path_value = "regex", uri.value
-            self.path_regex = re.compile(uri.value)
+            self.path_regex = compile_regex(uri.value)
         else:
             self.path_kind = uri.kind
             self.path_value = uri.value.lower() if self.path_ci else uri.value
@@ -283,10 +283,10 @@ class _Entry:
         )
         rewrite = route.rewrite
         self.rewrite_prefix = rewrite.uri if rewrite is not None else None
-        self.rewrite_regex = None
-        self.rewrite_sub: Callable[[re.Match[str]], str] | None = None
+        self.rewrite_regex: Regex | None = None
+        self.rewrite_sub: Callable[[Match], str] | None = None
         if rewrite is not None and rewrite.uri_regex is not None:
-            self.rewrite_regex = re.compile(rewrite.uri_regex[0])
+            self.rewrite_regex = compile_regex(rewrite.uri_regex[0])
             self.rewrite_sub = _re2_substitution(rewrite.uri_regex[1])
         self.rewrites = self.rewrite_prefix is not None or self.rewrite_regex is not None
         self.choice = choice
@@ -341,7 +341,7 @@ class _Entry:
         return prefix + path[matched:]
 
 
-def _re2_substitution(template: str) -> Callable[[re.Match[str]], str]:
+def _re2_substitution(template: str) -> Callable[[Match], str]:
     r"""RE2's rewrite string (``\1``..``\9``, ``\\``) as a function of a match."""
     parts: list[str | int] = []
     text = ""
@@ -364,7 +364,7 @@ def _re2_substitution(template: str) -> Callable[[re.Match[str]], str]:
         i += 1
     parts.append(text)
 
-    def substitute(m: re.Match[str]) -> str:
+    def substitute(m: Match) -> str:
         return "".join(p if isinstance(p, str) else (m.group(p) or "") for p in parts)
 
     return substitute

@@ -48,6 +48,7 @@ class ClusterRuntime:
                 connect_timeout=pool.connect_timeout,
                 idle_timeout=pool.idle_timeout,
                 max_requests_per_connection=pool.max_requests_per_connection,
+                max_connection_duration=pool.max_connection_duration,
                 breaker=breaker,
             ),
             panic_threshold=spec.panic_threshold,

@@ -188,7 +188,8 @@ def callback_error(exc: httptools.HttpParserError) -> BaseException | None:
 
 
 class _Unexpected(Exception):
-    """Raised inside a parser callback when the upstream talks while no exchange is attached."""
+    """Raised inside a parser callback when the upstream breaks the protocol in a way that is
+    not a parse error: talking while no exchange is attached, a head over the limit, ..."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -203,6 +204,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_got_bytes",
         "_head_bytes",
         "_head_only",
+        "_header_bytes",
         "_lines",
         "_parser",
         "_parser_stale",
@@ -214,6 +216,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_wbuf",
         "closed",
         "counted",
+        "expired",
         "idle_since",
         "pool",
         "request_done",
@@ -233,6 +236,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._wbuf: list[bytes] = []
         self.closed = False  # closing or closed: never pooled, never written
         self.counted = False  # holds one of the pool's connection counts (see connect)
+        self.expired = False  # past the pool's max_connection_duration: never pooled again
         self._reading_paused = False
         self._tunnel = False
         # per-exchange state (reset by attach)
@@ -240,6 +244,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._body_sent = False  # a request body byte was queued: never replay
         self._got_bytes = False  # a response byte arrived: never replay
         self._head_bytes = 0  # bytes read while the response head is incomplete
+        self._header_bytes = 0  # header lines of the head being parsed (on_header)
         self._head_only = False
         self._upgrade = False
         self._final = False  # final (non-1xx) head delivered
@@ -312,6 +317,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._reading_paused = False
             if not self.closed and self.transport is not None:
                 self.transport.resume_reading()
+
+    def expire(self) -> None:
+        """The pool's max_connection_duration is up: close now if idle, else after this
+        exchange (``_complete`` then does not pool it)."""
+        self.expired = True
+        if self._sink is None:
+            self.close()
 
     def abandon(self, *, graceful: bool = False) -> None:
         """Detach and drop the connection (client gone, timeout): never pooled again.
@@ -411,6 +423,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._sink is None:
             raise _Unexpected
         self._lines = [b""]
+        self._header_bytes = 0
         self._content_length = None
         self._chunked = False
         self._conn_tokens = _NO_TOKENS
@@ -419,6 +432,12 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._final:
             return  # trailers: HTTP/1.1 to the client has no place for them, like Envoy
+        # The limit holds however the head arrives: data_received bounds what httptools
+        # buffers between reads, this what one read can hold (a whole head, say).
+        size = self._header_bytes + len(name) + len(value) + 4
+        if size > MAX_RESPONSE_HEAD:
+            raise _Unexpected  # -> 502, as any upstream protocol error
+        self._header_bytes = size
         name = _LOWER(name)
         n = len(name)
         # Only names of these lengths can be one we act on: one int compare spares the others
@@ -506,6 +525,7 @@ class UpstreamConnection(asyncio.Protocol):
             reusable
             and self.request_done
             and not self.closed
+            and not self.expired
             and (
                 not pool.max_requests_per_connection
                 or self.requests < pool.max_requests_per_connection
@@ -547,6 +567,7 @@ class UpstreamPool:
         "host",
         "idle_timeout",
         "key",
+        "max_connection_duration",
         "max_idle",
         "max_requests_per_connection",
         "monitor",
@@ -563,19 +584,25 @@ class UpstreamPool:
         idle_timeout: float = 60.0,
         connect_timeout: float = 10.0,
         max_requests_per_connection: int = 0,
+        max_connection_duration: float | None = None,
         breaker: CircuitBreaker | None = None,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port out of range: {port}")
-        if max_idle < 0 or idle_timeout <= 0 or connect_timeout <= 0:
-            raise ValueError("max_idle must be >= 0, timeouts > 0")
+        if max_idle < 0 or idle_timeout < 0 or connect_timeout <= 0:
+            raise ValueError("max_idle and idle_timeout must be >= 0, connect_timeout > 0")
+        if max_connection_duration is not None and max_connection_duration <= 0:
+            raise ValueError("max_connection_duration must be > 0")
         self.host = host
         self.port = port
         self.key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.max_idle = max_idle
-        self.idle_timeout = idle_timeout
+        self.idle_timeout = idle_timeout  # 0: idle connections stay until the server closes
         self.connect_timeout = connect_timeout
         self.max_requests_per_connection = max_requests_per_connection
+        # Envoy's max_connection_duration: a connection older than this is closed when idle
+        # (or at once, if it already is), so long-lived keep-alive reaches new pods too.
+        self.max_connection_duration = max_connection_duration
         # A pool without a breaker of its own gets an unlimited private one.
         self.breaker = breaker if breaker is not None else CircuitBreaker()
         self.monitor: HostMonitor | None = None  # outlier detection (proxy.health)
@@ -695,6 +722,8 @@ class UpstreamPool:
             raise ConnectionResetError("upstream connection closed while connecting")
         conn.counted = True
         self.opened += 1
+        if self.max_connection_duration is not None:
+            loop.call_later(self.max_connection_duration, conn.expire)
         if self._waiters:
             self._schedule_waiters()
         return conn
@@ -711,7 +740,7 @@ class UpstreamPool:
         self._idle.append(conn)
         if self._waiters:
             self._schedule_waiters()
-        if self._timer is None:
+        if self._timer is None and self.idle_timeout:
             self._timer = loop.call_at(conn.idle_since + self.idle_timeout, self._expire)
 
     def discard(self, conn: UpstreamConnection) -> None:

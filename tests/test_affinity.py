@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -385,6 +386,24 @@ _COOKIE_BYTES = st.text(alphabet=' \t;="aIb', max_size=24).map(str.encode)
 def test_parse_cookie_matches_the_split_reference(lines: list[bytes], name: bytes) -> None:
     headers = [(b"host", b"I=x")] + [(b"cookie", line) for line in lines]
     assert parse_cookie(headers, name) == _parse_cookie_by_pieces(headers, name)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"ISTIOID" * 450_000,  # the name again and again, never followed by "="
+        b"x; " + b"ISTIOID;" * 400_000 + b" ISTIOID=found",
+        b"aISTIOID=" * 350_000,
+    ],
+    ids=["repeats", "pieces-then-match", "suffix-matches"],
+)
+def test_cookie_scan_is_linear_in_a_hostile_line(line: bytes) -> None:
+    # About 3 MB each: a scan that looks back over the line for every occurrence of the name
+    # (as the first version did) takes minutes here; a linear one, milliseconds.
+    expected = _parse_cookie_by_pieces([(b"cookie", line)], b"ISTIOID")
+    assert parse_cookie([(b"cookie", line)], b"ISTIOID") == expected
+    assert expected == (b"found" if line.endswith(b"found") else b"")
 
 
 def test_parse_cookie_empty_name_matches_nothing() -> None:

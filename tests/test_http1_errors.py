@@ -82,6 +82,30 @@ BAD_REQUESTS = {
     "no host on 1.1": (b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", 400),
     "two hosts": (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     "authority-form target": (b"GET example.com:80 HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    "asterisk-form GET": (b"GET * HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    "fragment in target": (b"GET /a#b HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    "absolute-form, Host disagrees": (
+        b"GET http://other.example/abs?q=1 HTTP/1.1\r\nHost: evil.com\r\n\r\n",
+        400,
+    ),
+    "absolute-form without Host on 1.1": (b"GET http://a.example/ HTTP/1.1\r\n\r\n", 400),
+    "absolute-form with userinfo": (b"GET http://u@a.example/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "absolute-form, other scheme": (b"GET ftp://a.example/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "absolute-form, empty authority": (b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "Host with a path": (b"GET / HTTP/1.1\r\nHost: evil.com/../x\r\n\r\n", 400),
+    "Host with a space": (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    "Host with a backslash": (b"GET / HTTP/1.1\r\nHost: x\\\r\n\r\n", 400),
+    "Host with userinfo": (b"GET / HTTP/1.1\r\nHost: @evil.com\r\n\r\n", 400),
+    "Host, unclosed IPv6": (b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", 400),
+    "Host, port not digits": (b"GET / HTTP/1.1\r\nHost: a:8x\r\n\r\n", 400),
+    "Host, two colons": (b"GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\n", 400),
+    "Host after Host with other case": (b"GET / HTTP/1.1\r\nHost: a\r\nhOST: a\r\n\r\n", 400),
+    "101 headers": (
+        b"GET / HTTP/1.1\r\nHost: h\r\n"
+        + b"".join(b"X-H%d: v\r\n" % i for i in range(100))
+        + b"\r\n",
+        431,
+    ),
     "CONNECT": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
     "NUL in header value": (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n", 400),
     "headers over 60 KiB": (
@@ -532,6 +556,43 @@ async def test_upstream_head_too_large_502(raw_backend, proxy, pools, forward_al
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     resp = await client.read_response()
     assert resp.status == 502 and resp.body == PROTOCOL_ERROR_TEXT
+
+
+@pytest.mark.parametrize("size", [61 * 1024, 100 * 1024, 300 * 1024])
+async def test_upstream_head_over_the_limit_in_one_read_502(
+    raw_backend, proxy, pools, forward_all, raw_client, size
+):
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(size // 1010))
+    head = b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 2\r\n\r\nok"
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head)  # all at once: one read on loopback for the smaller ones
+        await reader.read()
+
+    dispatcher = forward_all(pools(await raw_backend(upstream)))
+    client = await raw_client(await proxy(dispatcher))
+    await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    resp = await client.read_response()
+    assert resp.status == 502 and resp.body == PROTOCOL_ERROR_TEXT
+    (ex,) = await dispatcher.wait_finished(1)
+    assert ex.flags == "UPE"
+
+
+async def test_upstream_head_under_the_limit_passes(
+    raw_backend, proxy, pools, forward_all, raw_client
+):
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(58))
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 2\r\n\r\nok")
+        await reader.read()
+
+    client = await raw_client(await proxy(forward_all(pools(await raw_backend(upstream)))))
+    await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    resp = await client.read_response()
+    assert resp.status == 200 and resp.body == b"ok" and len(resp.raw_head) > 58_000
 
 
 async def test_local_reply_to_head_has_no_body(proxy, raw_client):

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.http1 import Exchange, Forward, LocalReply, serve
+from proxy.http1 import Exchange, Forward, LocalReply, ServerSettings, serve
 from proxy.upstream import UpstreamPool
 
 pytestmark = pytest.mark.timeout(60)
@@ -328,11 +328,105 @@ async def test_upgrade_refused_by_upstream(backend, proxy, pools, forward_all, r
     be = await backend(app)
     port = await proxy(forward_all(pools(be.port)))
     client = await raw_client(port)
-    await client.send(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n")
+    await client.send(
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
     resp = await client.read_response()
     assert resp.status == 200 and resp.body == b"no upgrade here"
     assert resp.header("connection") == "close"  # the bytes after the head were not HTTP
     assert await client.at_eof()
+
+
+class H2cPod:
+    """A pod that switches to h2c when asked (and then ignores everything), else echoes the
+    request line and body; records every request head it reads."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            lower = head.lower()
+            if b"upgrade: h2c" in lower:
+                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: h2c\r\n\r\n")  # fmt: skip
+                await reader.read()
+                return
+            body = b""
+            if b"content-length:" in lower:
+                length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+            elif b"transfer-encoding: chunked" in lower:
+                while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                    body += (await reader.readexactly(size + 2))[:size]
+                await reader.readuntil(b"\r\n")
+            text = head.split(b"\r\n")[0] + b" " + body
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text))
+            await writer.drain()
+
+
+H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"GET /one HTTP/1.1\r\nHost: h\r\n" + H2C + b"\r\n",
+        b"POST /one HTTP/1.1\r\nHost: h\r\n" + H2C + b"Content-Length: 5\r\n\r\nhello",
+        b"POST /one HTTP/1.1\r\nHost: h\r\n" + H2C
+        + b"Transfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n",
+    ],
+    ids=["get", "post-content-length", "post-chunked"],
+)  # fmt: skip
+async def test_h2c_upgrade_is_stripped_and_http_goes_on(
+    raw_backend, proxy, pools, forward_all, raw_client, request_
+):
+    # An h2c-capable pod must never be asked: after its 101, raw requests on that connection
+    # would reach it unrouted. Like Envoy and nginx, the request goes on as HTTP/1.1, its body
+    # included, and so does a request pipelined behind it.
+    pod = H2cPod()
+    port = await proxy(forward_all(pools(await raw_backend(pod))))
+    client = await raw_client(port)
+    await client.send(request_ + b"GET /two HTTP/1.1\r\nHost: h\r\n\r\n")
+    first = await client.read_response()
+    second = await client.read_response()
+    assert first.status == 200 and second.status == 200
+    method = request_.split(b" ")[0]
+    assert first.body == method + b" /one HTTP/1.1 " + (b"hello" if method == b"POST" else b"")
+    assert second.body == b"GET /two HTTP/1.1 "
+    assert len(pod.heads) == 2
+    for head in pod.heads:
+        assert b"upgrade" not in head.lower() and b"http2-settings" not in head.lower()
+
+
+async def test_upgrade_to_a_protocol_not_allowed_is_403(
+    backend, proxy, pools, forward_all, raw_client
+):
+    dispatcher = forward_all(pools(1))  # never dispatched
+    port = await proxy(dispatcher)
+    client = await raw_client(port)
+    await client.send(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n")
+    resp = await client.read_response()
+    assert resp.status == 403 and resp.header("connection") == "close"
+    assert await client.at_eof()
+    assert dispatcher.dispatched == []
+
+
+async def test_allowed_upgrades_are_a_listener_setting(
+    raw_backend, proxy, pools, forward_all, raw_client
+):
+    pod = H2cPod()
+    settings = ServerSettings(upgrades=frozenset({b"websocket", b"foo"}))
+    port = await proxy(forward_all(pools(await raw_backend(pod))), settings)
+    client = await raw_client(port)
+    await client.send(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: Foo\r\n\r\n")
+    resp = await client.read_response()
+    assert resp.status == 200  # the pod would not switch to foo: a plain answer, then close
+    assert b"upgrade: Foo" in pod.heads[0]
+    with pytest.raises(ValueError, match="h2c"):
+        ServerSettings(upgrades=frozenset({b"h2c"}))
 
 
 # --------------------------------------------------------------------------- uvloop

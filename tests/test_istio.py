@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from proxy_process import article_yaml
 
 from proxy.affinity import (
     CookieAttribute,
@@ -411,6 +412,7 @@ def test_route_destinations_rewrite_headers_timeout_retries() -> None:
         retry_previous_hosts=False,
         retry_remote_localities=True,
         backoff=0.025,
+        explicit=True,
     )
     assert second.rewrite == Rewrite(uri_regex=("^/old/(.*)", "/new/\\1"))
     assert second.retries is None  # attempts: 0 disables retries
@@ -908,3 +910,13 @@ def test_every_envoy_retry_on_condition_is_accepted() -> None:
     assert retries is not None
     assert retries.retry_on == tuple(conditions.split(","))
     assert retries.retriable_status_codes == (429,)
+
+
+def test_retries_written_in_the_virtual_service_are_explicit() -> None:
+    base = article_yaml([("127.0.0.1", 9001)])
+    implicit = load_text(base).virtual_services[0].http[0].retries
+    retries = "    retries: {attempts: 3, retryOn: 5xx}\n"
+    asked = base.replace("    route:\n", retries + "    route:\n", 1)
+    explicit = load_text(asked).virtual_services[0].http[0].retries
+    assert implicit is not None and not implicit.explicit
+    assert explicit is not None and explicit.explicit and explicit.attempts == 3

@@ -98,6 +98,9 @@ async def test_scrape_after_known_requests_counts_exactly(pods: PodSet, proxy: P
     assert total("envoy_cluster_membership_total", cluster_name=CLUSTER) == 3
     assert total("envoy_cluster_upstream_rq_active", cluster_name=CLUSTER) == 0
     assert total("sticky_balancer_rebuilds_total", cluster_name=CLUSTER) == 1
+    # Istio's default retries (no `retries` in the VirtualService) sent the idempotent GET of
+    # /status/503 twice more; nothing else was sent again.
+    assert total("sticky_requests_replayed_total", cluster_name=CLUSTER) == 2
     assert total("sticky_worker_downstream_cx_total", worker="0") >= 1
     # Never a session key among the label values.
     assert not any(c.split("=", 1)[1].strip('"') in text for c in cookies)
@@ -167,3 +170,26 @@ def test_workers_other_than_0_do_not_count_control_plane_events() -> None:
 def test_bucket_scan_is_bisect_left(value: float) -> None:
     for bounds in (_DURATION_BOUNDS, _BYTES_BOUNDS):
         assert _bucket(bounds, value) == bisect_left(bounds, value)
+
+
+@pytest.mark.parametrize(("retries", "sent"), [("", 1), ("retries: {attempts: 2}", 3)])
+async def test_a_post_is_resent_only_when_the_virtual_service_asks(
+    pods: PodSet, retries: str, sent: int
+) -> None:
+    yaml = article_yaml(pods.addresses)
+    if retries:
+        yaml = yaml.replace("    route:\n", f"    {retries}\n    route:\n", 1)
+    options = RunOptions(listen=(("127.0.0.1", 0),))
+    running = Proxy(load_text(yaml), options)
+    await running.start()
+    try:
+        url = "http://{}:{}/status/503".format(*running.addresses[0])
+        async with aiohttp.ClientSession() as session:
+            headers = {"Host": "test.com", "Cookie": "ISTIOID=one"}
+            async with session.post(url, data=b"order", headers=headers) as resp:
+                assert resp.status == 503
+        assert sum(pods.request_counts) == sent
+        text = running.exposition().decode()
+        assert sample_sum(text, "sticky_requests_replayed_total") == sent - 1
+    finally:
+        await running.stop(grace=2)

@@ -437,3 +437,108 @@ async def test_upstream_idle_connections_close_after_the_idle_timeout(
     async with asyncio.timeout(5):
         await closed.wait()
     assert pool.idle_count == 0 and pool.connections == 0
+
+
+# ---------------------------------------------------------------- methods (RFC 9110 §9.2.2)
+async def test_default_policy_never_resends_a_post_that_reached_the_pod(
+    raw_backend, proxy, pools, raw_client
+):
+    # Istio's implicit default would send this POST three times; a proxy must not retry a
+    # non-idempotent request on its own once it may have been processed.
+    script = Script([503, 200])
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=DEFAULT)
+    client = await raw_client(await proxy(dispatcher))
+    resp = await post(client, b"pay once")
+    assert resp.status == 503 and resp.body == b"s503"  # type: ignore[attr-defined]
+    assert [body for _, body in script.requests] == [b"pay once"]
+    (ex,) = await dispatcher.wait_finished(1)
+    assert ex.retries == 0 and ex.replays == 0
+
+
+@pytest.mark.parametrize("method", [b"GET", b"PUT", b"DELETE"])
+async def test_default_policy_resends_idempotent_requests(
+    raw_backend, proxy, pools, raw_client, method
+):
+    script = Script([503, 200])
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=DEFAULT)
+    client = await raw_client(await proxy(dispatcher))
+    await client.send(method + b" / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    assert (await client.read_response()).status == 200
+    assert len(script.requests) == 2
+    (ex,) = await dispatcher.wait_finished(1)
+    assert ex.retries == 1 and ex.replays == 1
+
+
+async def test_explicit_retries_resend_a_post_as_istio_does(raw_backend, proxy, pools, raw_client):
+    asked = RetryPlan.from_policy(RetryPolicy(explicit=True))
+    assert asked is not None and asked.explicit and not DEFAULT.explicit  # type: ignore[union-attr]
+    script = Script([503, 200])
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=asked)
+    client = await raw_client(await proxy(dispatcher))
+    resp = await post(client, b"again")
+    assert resp.status == 200  # type: ignore[attr-defined]
+    assert [body for _, body in script.requests] == [b"again", b"again"]
+    (ex,) = await dispatcher.wait_finished(1)
+    assert ex.replays == 1
+
+
+async def test_connect_failure_moves_a_post_on_even_by_default(
+    raw_backend, proxy, pools, raw_client
+):
+    script = Script([200])
+    live = pools(await raw_backend(script))
+    dispatcher = ForwardAll(pools(dead_port()), retry=DEFAULT, next_pool=lambda k: live,
+                             connect_retries=1)  # fmt: skip
+    client = await raw_client(await proxy(dispatcher))
+    resp = await post(client, b"sent once")
+    assert resp.status == 200  # type: ignore[attr-defined]
+    assert [body for _, body in script.requests] == [b"sent once"]
+    (ex,) = await dispatcher.wait_finished(1)
+    assert ex.retries == 1 and ex.replays == 0  # nothing had been sent: not a replay
+
+
+def stale_once_backend(requests: list[bytes]):
+    """Answers the first request of its first connection, then drops that connection as the
+    second request arrives (a keep-alive race); answers everything on later connections."""
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = not requests
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            requests.append(head.split(b"\r\n")[0])
+            if first and len(requests) == 2:
+                writer.transport.abort()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    return upstream
+
+
+@pytest.mark.parametrize(
+    ("method", "retry", "resent"),
+    [
+        (b"GET", None, True),
+        (b"POST", None, False),
+        (b"POST", DEFAULT, False),
+        (b"POST", RetryPlan(2, RETRY_RESET, backoff=NO_BACKOFF), True),
+    ],
+    ids=["get", "post", "post-default-policy", "post-explicit-reset"],
+)
+async def test_stale_connection_resend_only_when_safe(
+    raw_backend, proxy, pools, raw_client, method, retry, resent
+):
+    requests: list[bytes] = []
+    dispatcher = ForwardAll(pools(await raw_backend(stale_once_backend(requests))), retry=retry)
+    client = await raw_client(await proxy(dispatcher))
+    await client.send(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert (await client.read_response()).status == 200
+    await client.send(method + b" /2 HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    resp = await client.read_response()
+    if resent:
+        assert resp.status == 200 and len(requests) == 3
+    else:
+        assert resp.status == 503 and resp.body == CONNECTION_TERMINATION
+        assert len(requests) == 2
+    done = await dispatcher.wait_finished(2)
+    assert done[1].replays == (1 if resent else 0)

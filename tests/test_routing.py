@@ -540,7 +540,11 @@ def test_cluster_port_hash_policies_timeout_and_retries() -> None:
     assert decision.action.affinity is not None and decision.action.affinity.generates_cookie
     assert decision.timeout == 2.0
     assert decision.retries == RetryPolicy(
-        attempts=5, retry_on=("5xx",), retriable_status_codes=(), retry_previous_hosts=False
+        attempts=5,
+        retry_on=("5xx",),
+        retriable_status_codes=(),
+        retry_previous_hosts=False,
+        explicit=True,
     )
     assert (decision.virtual_service, decision.vhost) == ("default/vs", "app.test")
 
@@ -599,3 +603,25 @@ def test_weighted_routes_carry_every_destinations_hash_policy() -> None:
         assert decision is not None
         assert decision.hash_policies == both  # Envoy folds both keys, whichever subset
     assert short(match(Router(config, 80, rand=lambda: 0.1))) == "svc"
+
+
+@pytest.mark.timeout(10)
+def test_regexes_take_linear_time_whatever_the_pattern() -> None:
+    # RE2, as Envoy: with a backtracking engine this pattern and a 40-byte path take minutes.
+    router = Router(
+        load(
+            gateway(),
+            vs("""
+               - match: [{uri: {regex: "/(a+)+$"}}]
+                 route: [{destination: {host: evil, port: {number: 80}}}]
+               - match: [{headers: {x-id: {regex: "(x|x)*y"}}}]
+                 route: [{destination: {host: evil, port: {number: 80}}}]
+               - route: [{destination: {host: fine, port: {number: 80}}}]
+            """),
+        ),
+        80,
+    )
+    hostile = "/" + "a" * 40 + "!"
+    decision = match(router, path=hostile, headers={"x-id": "x" * 40_000})
+    assert decision is not None and decision.cluster is not None
+    assert decision.cluster.endswith("|fine.default.svc.cluster.local")
