@@ -1,87 +1,11 @@
-"""The data plane: a downstream HTTP/1.1 server that forwards to upstream pools.
+"""The data plane: one client connection, from bytes in to a forwarded request and back.
 
-What the client sees when something goes wrong (the one place failures become responses)::
-
-    where it breaks                                   client gets                          flags
-    ------------------------------------------------  -----------------------------------  -----
-    downstream (the client)
-      head > max_header_bytes, > max_headers lines    431 Request Header Fields Too Large   DPE
-      malformed line/header/chunk, CL+TE, obs-fold,   400 Bad Request                       DPE
-        duplicate Host, no Host on 1.1, TE on 1.0,
-        Host not host[:port], a target other than
-        origin/absolute form (OPTIONS * excepted),
-        absolute-form authority other than Host
-      Transfer-Encoding other than chunked            501 Not Implemented                   DPE
-      HTTP version other than 1.0/1.1                 505 HTTP Version Not Supported        DPE
-      CONNECT                                         405 Method Not Allowed                DPE
-      Upgrade to a protocol the listener does not     403 Forbidden                         DPE
-        allow (h2c is stripped instead: _feed)
-      head not complete within header_timeout         408 Request Timeout                   -
-        of its first byte
-      request body stalls for body_timeout            408 Request Timeout; upstream reset   SI
-        (all of the above then close the connection; other connections are untouched)
-      no first byte within header_timeout of the      nothing; closed                       -
-        connection's start, or within idle_timeout
-        of the previous response (keep-alive)
-      client reads nothing of its response            nothing; closed, upstream reset       SI
-        for send_timeout
-      client closes mid-request or mid-response       nothing; upstream connection dropped  DC
-    dispatcher
-      LocalReply(...)                                 as given (404 no route, 503 ...)      its own
-      dispatch() raised                               500 Internal Server Error             -
-    upstream
-      circuit breaker full (max connections and       503 upstream connect error or
-        pending requests, see proxy.upstream)             disconnect/reset before headers.
-                                                          reset reason: overflow            UO
-      connect refused / connect timeout               503 upstream connect error or
-        (after Forward.next_pool attempts)                disconnect/reset before headers.
-                                                          reset reason: connection failure  UF
-      closed after the request, before the head       503 ... reset reason: connection
-        (a reused idle connection with nothing            termination                       UC
-         but a head sent is first retried once,
-         when idempotent or the route asked)
-      not HTTP (bad status line, bad chunk, ...)      502 ... reset reason: protocol error  UPE
-      no complete response within Forward.timeout     504 upstream request timeout          UT
-        or the retry plan's per-try timeout
-      any of these after the response head was sent   connection closed (truncated body)    same
-
-Retries (Forward.retry, a RetryPlan precomputed per route from the VirtualService ``retries``)
-----------------------------------------------------------------------------------------------
-Envoy's router, with two deliberate differences. A failure is retried while the plan has attempts
-left, the cluster's ``max_retries`` breaker has room, nothing of the response reached the client,
-and the request can be sent again:
-
-    what failed                          retried when retryOn has              goes to
-    -----------------------------------  ------------------------------------  ----------------
-    connect refused/timeout (UF)         connect-failure, reset,               the next distinct
-      nothing was sent                     reset-before-request, 5xx,          endpoint on the
-                                           gateway-error                       ring, at once (*)
-    reset / protocol error after send    reset, 5xx, gateway-error             same endpoint (**)
-    response status                      5xx (500-599), gateway-error          same endpoint (**)
-                                           (502-504), retriable-4xx (409),
-                                           retriable-status-codes / bare codes
-    per-try timeout                      reset, 5xx, gateway-error             same endpoint (**)
-
-(*) Istio keeps every retry of a consistent-hash route on the pod the hash chose, so a dead pod
-fails the request until outlier detection ejects it. A connect failure sent nothing, so moving it
-to the next pod on the ring cannot duplicate anything: we do, and that is the difference.
-(**) or the next distinct endpoint when the plan avoids previous hosts (Istio's default on routes
-that do not hash; ``retryIgnorePreviousHosts`` decides when given).
-
-"Sent again" means: the request had no body, or its whole body is held in the replay buffer
-(``RetryPlan.replay_limit``, 64 KiB); a longer body, an upgrade, or a request whose body had not
-ended yet is never replayed. A request whose method is not idempotent (POST, PATCH, ...: RFC
-9110 §9.2.2, a proxy must not retry those on its own) is sent again only when the route's
-``retries`` were written in the VirtualService (``RetryPlan.explicit``); Istio's implicit
-default retries it only where nothing was sent (connect failures). That is the second
-deliberate difference: Istio would resend a POST whose body reached the pod and got a 503.
-Every resend of a request that reached a pod counts in ``Exchange.replays``. A retried
-response is read to its end and dropped (its connection stays reusable); the retry waits
-Envoy's jittered back-off (25 ms base) except after a connect failure. gRPC tokens
-(cancelled, unavailable, ...) and refused-stream need HTTP/2 and never match.
-
-Every attempt reports its outcome to ``UpstreamPool.monitor`` (outlier detection): the status,
-503 for a connect failure or a reset, 504 for a timeout; an overflow reports nothing (Envoy).
+An :class:`HttpConnection` parses with httptools, asks the listener's dispatcher what to do
+with each request, forwards it over an ``proxy.upstream`` connection and relays the response.
+Its neighbours hold what is not connection state: ``proxy.framing`` the pure request checks
+and head building, ``proxy.replies`` the failure -> response table and the bytes of local
+replies, ``proxy.retry`` what is retried and where, ``proxy.listener`` what the connections of
+one listener share.
 
 Theory of operation
 -------------------
@@ -118,26 +42,49 @@ import collections
 import contextlib
 import functools
 import logging
-import os
 import socket
-import time
-from collections.abc import Callable
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import Final, cast
 
 import httptools
 
-from proxy.exchange import (
-    HOP_BY_HOP,
-    Dispatcher,
-    Exchange,
-    Forward,
-    HeaderEdit,
-    LocalReply,
-    ServerSettings,
+from proxy.exchange import Dispatcher, Forward, LocalReply, ServerSettings
+from proxy.framing import (
+    CHUNKED_LINE,
+    CLOSE_LINE,
+    CRLF,
+    FORWARD,
+    H_HOST,
+    KEEP_ALIVE_LINE,
+    LAST_CHUNK,
+    M_CHUNKED,
+    M_NONE,
+    M_RAW,
+    REFUSE,
+    SPECIAL,
+    UPGRADE_LINE,
+    ParsedRequest,
+    RequestError,
+    RequestIds,
+    check_target,
+    checked_host,
+    note_header,
+    request_head,
+    response_framing,
+    upgrade_verdict,
+    without,
 )
-from proxy.framing import authority_ok, same_authority, split_absolute_form
+from proxy.listener import Connections, ListenerState
+from proxy.replies import (
+    CONNECT_FAILURE,
+    CONNECTION_TERMINATION,
+    OVERFLOW_TEXT,
+    PROTOCOL_ERROR_TEXT,
+    STATUS_LINES,
+    UPSTREAM_TIMEOUT,
+    local_reply,
+    parse_error_reply,
+    status_line,
+)
 from proxy.retry import IDEMPOTENT, RetryPlan
 from proxy.upstream import (
     OPEN,
@@ -149,81 +96,12 @@ from proxy.upstream import (
     callback_error,
 )
 
-__all__ = [
-    "Connections",
-    "Dispatcher",
-    "Exchange",
-    "Forward",
-    "HeaderEdit",
-    "HttpConnection",
-    "LocalReply",
-    "ServerSettings",
-    "UpstreamPool",
-    "serve",
-]
+__all__ = ["HttpConnection", "serve"]
 
 logger = logging.getLogger("proxy.http1")
 
-# --------------------------------------------------------------------------- Envoy's wording
-CONNECT_FAILURE: Final = (
-    b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
-)
-CONNECTION_TERMINATION: Final = (
-    b"upstream connect error or disconnect/reset before headers. "
-    b"reset reason: connection termination"
-)
-OVERFLOW_TEXT: Final = (
-    b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
-)
-PROTOCOL_ERROR_TEXT: Final = (
-    b"upstream connect error or disconnect/reset before headers. reset reason: protocol error"
-)
-UPSTREAM_TIMEOUT: Final = b"upstream request timeout"
-
-# --------------------------------------------------------------------------- precomputed bytes
-_STATUS_LINES: Final = {
-    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus
-}
-
-
-def _status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
-
-
-# Request headers we re-emit ourselves (framing, Host, forwarding headers).
-_REQUEST_OWN: Final = frozenset({b"host", b"content-length", b"x-request-id"})
-_FORWARDING: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
-_NOTHING: Final[frozenset[bytes]] = frozenset()
 _LOWER: Final = bytes.lower  # as in proxy.upstream: no method lookup per header
-
-# Request headers looked at while parsing (everything else is only copied).
-_H_HOST: Final = 0
-_H_CL: Final = 1
-_H_TE: Final = 2
-_H_CONN: Final = 3
-_H_XFF: Final = 4
-_H_RID: Final = 5
-_H_UPGRADE: Final = 6
-_SPECIAL: Final = {
-    b"host": _H_HOST,
-    b"content-length": _H_CL,
-    b"transfer-encoding": _H_TE,
-    b"connection": _H_CONN,
-    b"x-forwarded-for": _H_XFF,
-    b"x-request-id": _H_RID,
-    b"upgrade": _H_UPGRADE,
-}
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
-_CONNECTION_TOKENS_IGNORED: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
-
-_CRLF: Final = b"\r\n"
-_OWS: Final = b" \t"
-_LAST_CHUNK: Final = b"0\r\n\r\n"
-_CHUNKED_LINE: Final = b"transfer-encoding: chunked\r\n"
-_CLOSE_LINE: Final = b"connection: close\r\n"
-_KEEP_ALIVE_LINE: Final = b"connection: keep-alive\r\n"
-_UPGRADE_LINE: Final = b"connection: upgrade\r\n"
 
 # Reasons reading from the client is paused (bits of HttpConnection._paused).
 _P_UPSTREAM: Final = 1  # upstream write buffer full
@@ -232,11 +110,6 @@ _P_CONNECTING: Final = 4  # body bytes buffered while no upstream connection is 
 _P_UPGRADE: Final = 8  # an upgrade request waits for its 101
 _P_DONE: Final = 16  # nothing more will be read (error, closing)
 
-# Response body framing towards the client.
-_M_NONE: Final = 0
-_M_RAW: Final = 1
-_M_CHUNKED: Final = 2
-
 _BUFFER_LIMIT: Final = 64 * 1024  # body bytes held for a request not yet attached upstream
 # A read at least this large is relayed at once, not at the end of the loop iteration
 # (HttpConnection.flush_soon): libuv reads a socket again in the same iteration only after a
@@ -244,136 +117,22 @@ _BUFFER_LIMIT: Final = 64 * 1024  # body bytes held for a request not yet attach
 # connection waiting, and a streamed body's flow control acts as each large read arrives.
 FLUSH_NOW: Final = 32 * 1024
 
-
-# --------------------------------------------------------------------------- small helpers
-class _RequestIds:
-    """UUID4 text for x-request-id, formatted 256 at a time (uuid.uuid4() costs ~10x more).
-
-    A batch is 36 random hex digits per id (os.urandom), then a few strided slice assignments
-    over the whole batch: dashes at 8, 13, 18 and 23, the version digit 4 at 14, and the
-    variant digit mapped onto 8, 9, a, b at 19 (RFC 9562 §5.4). That keeps 122 random bits per
-    id, as uuid4 does, and leaves one slice per request.
-    """
-
-    __slots__ = ("_ids", "_next")
-
-    _COUNT: Final = 256
-    _VARIANT: Final = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
-
-    def __init__(self) -> None:
-        self._ids = b""
-        self._next = self._COUNT * 36
-
-    def _refill(self) -> None:
-        n = self._COUNT
-        batch = bytearray(os.urandom(n * 18).hex().encode())
-        for at in (8, 13, 18, 23):
-            batch[at::36] = b"-" * n
-        batch[14::36] = b"4" * n
-        batch[19::36] = bytes(batch[19::36]).translate(self._VARIANT)
-        self._ids = bytes(batch)
-        self._next = 0
-
-    def take(self) -> bytes:
-        if self._next >= len(self._ids):
-            self._refill()
-        i = self._next
-        self._next = i + 36
-        return self._ids[i : i + 36]
-
-
-_REQUEST_IDS: Final = _RequestIds()
-
-_date_cache: list[object] = [0, b""]
-
-
-def _date_line() -> bytes:
-    """`date` header line for local replies, formatted at most once a second."""
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = b"date: " + formatdate(now, usegmt=True).encode() + _CRLF
-    line = _date_cache[1]
-    assert isinstance(line, bytes)
-    return line
-
-
-def _without(lines: list[bytes], drop: frozenset[bytes]) -> list[bytes]:
-    """Response head ``lines`` (see ``HttpConnection.head``) less the headers named in drop."""
-    kept = [lines[0]]
-    for i in range(1, len(lines), 4):
-        if lines[i] not in drop:
-            kept += lines[i : i + 4]
-    return kept
+_REQUEST_IDS: Final = RequestIds()
 
 
 class _StopParsing(Exception):
     """Raised in a parser callback to stop at a message boundary (closing, pipeline full)."""
 
 
-class _RequestError(Exception):
-    """Raised in a parser callback to reject the request with (status, text)."""
-
-    def __init__(self, status: int, text: bytes) -> None:
-        super().__init__(status, text)
-        self.status = status
-        self.text = text
-
-
-class _Shared:
-    """Per-listener state every connection reads (copied onto the connection at creation)."""
-
-    __slots__ = (
-        "batch",
-        "connections",
-        "dispatcher",
-        "holding",
-        "request_drop",
-        "server_line",
-        "settings",
-    )
-
-    def __init__(
-        self, dispatcher: Dispatcher, settings: ServerSettings, connections: Connections | None
-    ) -> None:
-        self.dispatcher = dispatcher
-        self.settings = settings
-        self.connections = connections
-        forwarding = _FORWARDING if settings.xff else _NOTHING
-        self.request_drop = HOP_BY_HOP | _REQUEST_OWN | forwarding
-        self.server_line = b"server: " + settings.server_name.encode() + _CRLF
-        # HttpConnection.flush_soon: from the first write of a loop iteration until
-        # flush_batch runs, writes are held; these connections hold some.
-        self.holding = False
-        self.batch: list[HttpConnection] = []
-
-    def flush_batch(self) -> None:
-        """Send the writes held in the loop iteration that just ended, and stop holding."""
-        self.holding = False
-        batch = self.batch
-        if not batch:
-            return
-        self.batch = []
-        for conn in batch:
-            conn._batched = False
-            try:
-                conn._flush_both()
-            except Exception:  # one broken connection must not hold the others' writes back
-                logger.exception("flush failed for %r", conn)
-                conn._wbuf.clear()
-                with contextlib.suppress(Exception):
-                    conn._abort()
-
-
 # --------------------------------------------------------------------------- the connection
 class HttpConnection(asyncio.Protocol):
     """One client connection: parse, dispatch, forward, answer in order."""
 
-    def __init__(self, shared: _Shared) -> None:
+    def __init__(self, listener: ListenerState) -> None:
         # global state
-        settings = shared.settings
-        self._shared = shared
-        self._dispatcher = shared.dispatcher
+        settings = listener.settings
+        self._listener = listener
+        self._dispatcher = listener.dispatcher
         self._loop = asyncio.get_running_loop()
         self._max_head = settings.max_header_bytes
         self._header_timeout = settings.header_timeout
@@ -384,34 +143,35 @@ class HttpConnection(asyncio.Protocol):
         self._max_headers = settings.max_headers
         self._upgrades = settings.upgrades
         self._xff = settings.xff
-        self._proto_line = b"x-forwarded-proto: " + settings.proto.encode() + _CRLF
-        self._request_drop = shared.request_drop
+        self._proto_line = listener.proto_line
+        self._request_drop = listener.request_drop
 
         # per-connection state
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._peer: tuple[str, int] = ("", 0)
         self._sock: tuple[str, int] = ("", 0)
-        self._peer_ip = b""
+        # The client's IP for x-forwarded-for; None when the listener leaves it alone.
+        self._forwarded_for: bytes | None = b"" if self._xff else None
         self._closed = False  # close() called or connection lost: write nothing more
         self._paused = 0  # _P_* bits: why reading from the client is paused
         self._write_paused = False
         self._in_feed = False  # inside parser.feed_data: upstream writes are flushed after
         self._eof = False  # the client half-closed: close once the queue is answered
         self._draining = False  # Connections.shutdown(): close after the current exchange
-        self._queue: collections.deque[Exchange] = collections.deque()
-        self._parsing: Exchange | None = None  # the request the parser is inside
+        self._queue: collections.deque[ParsedRequest] = collections.deque()
+        self._parsing: ParsedRequest | None = None  # the request the parser is inside
         self._head_open = False  # between on_message_begin and on_headers_complete
         self._head_bytes = 0  # size of the head so far, as seen through the callbacks
         self._head_unparsed = 0  # bytes fed while the head stayed open (httptools buffers them)
-        self._stripped: Exchange | None = None  # its h2c upgrade was stripped (_feed)
-        self._resuming: Exchange | None = None  # its body follows our head (_feed)
+        self._stripped: ParsedRequest | None = None  # its h2c upgrade was stripped (_feed)
+        self._resuming: ParsedRequest | None = None  # its body follows our head (_feed)
         self._fresh = b""  # the bytes being fed, when they start at a request line
         self._messages = 0
         self._idle_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._body_watched: Exchange | None = None  # whose body _on_timer checks for progress
+        self._body_watched: ParsedRequest | None = None  # whose body _on_timer checks for progress
         self._body_seen = 0  # its body bytes at the last check
         self._body_since = 0.0  # ... and when that check was
         self._write_paused_at = 0.0
@@ -421,7 +181,7 @@ class HttpConnection(asyncio.Protocol):
         self._host_ok = b""  # the last Host found valid here (clients repeat theirs)
 
         # per-request state (the active exchange)
-        self._active: Exchange | None = None
+        self._active: ParsedRequest | None = None
         self._forward: Forward | None = None
         self._upstream: UpstreamConnection | None = None
         self._request_head = b""
@@ -430,14 +190,14 @@ class HttpConnection(asyncio.Protocol):
         self._waiting: UpstreamPool | None = None  # queued there by its circuit breaker
         self._attempt = 0  # connect failures moved on to Forward.next_pool(k)
         self._retries = 0  # retries made under Forward.retry
-        self._retried = False  # the one resend after a stale keep-alive connection
+        self._resent_stale = False  # the one resend after a stale keep-alive connection
         self._discard = False  # dropping a response that will be retried
         self._retry_handle: asyncio.Handle | None = None  # a retry waiting for its back-off
         self._retry_slot: CircuitBreaker | None = None  # holds one of its max_retries
         self._response_deadline: float | None = None  # Forward.timeout, as loop time
         self._try_deadline: float | None = None  # RetryPlan.per_try_timeout, as loop time
         self._started = False  # final response head written to the client
-        self._mode = _M_NONE
+        self._mode = M_NONE
         self._keep = True  # keep the client connection after this response
         self._tunnel = False
 
@@ -450,17 +210,18 @@ class HttpConnection(asyncio.Protocol):
         sock = transport.get_extra_info("sockname")
         if isinstance(peer, tuple):
             self._peer = (peer[0], peer[1])
-            self._peer_ip = peer[0].encode()
+            if self._xff:
+                self._forwarded_for = peer[0].encode()
         if isinstance(sock, tuple):
             self._sock = (sock[0], sock[1])
-        if self._shared.connections is not None:
-            self._shared.connections.add(self)
+        if self._listener.connections is not None:
+            self._listener.connections.add(self)
         self._go_idle(self._loop.time())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        if self._shared.connections is not None:
-            self._shared.connections.discard(self)
+        if self._listener.connections is not None:
+            self._listener.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -476,11 +237,11 @@ class HttpConnection(asyncio.Protocol):
                 self._drop_upstream()
             self._release_retry_slot()
             self._active = None
-            self._finished(ex)
+            self._report_finished(ex)
         while self._queue:
             ex = self._queue.popleft()
             ex.flags = "DC"
-            self._finished(ex)
+            self._report_finished(ex)
 
     def eof_received(self) -> bool | None:
         ex = self._active
@@ -551,13 +312,13 @@ class HttpConnection(asyncio.Protocol):
             # behind a head of ours with the same framing (on_message_begin knows it).
             self._fresh = b""
             self._stripped = None
-            if ex._body_done:
+            if ex.body_done:
                 data = rest
                 continue
             self._resuming = ex
             parser = self._parser = httptools.HttpRequestParser(self)
-            framing = _CHUNKED_LINE if ex._chunked else b"content-length: %s\r\n" % ex._cl
-            data = b"PUT / HTTP/1.1\r\n" + framing + _CRLF + rest
+            framing = CHUNKED_LINE if ex.chunked else b"content-length: %s\r\n" % ex.content_length
+            data = b"PUT / HTTP/1.1\r\n" + framing + CRLF + rest
 
     # ================================================================== httptools callbacks
     def on_message_begin(self) -> None:
@@ -568,7 +329,7 @@ class HttpConnection(asyncio.Protocol):
         if self._closed or len(self._queue) >= self._max_pipeline:
             raise _StopParsing  # answer what we have, then close
         self._messages += 1
-        self._parsing = Exchange(self._peer, self._sock, self._loop.time())
+        self._parsing = ParsedRequest(self._peer, self._sock, self._loop.time())
         self._head_open = True
         self._head_bytes = 0
         self._head_unparsed = 0
@@ -581,7 +342,7 @@ class HttpConnection(asyncio.Protocol):
         ex.target += url
         self._head_bytes += len(url)
         if self._head_bytes > self._max_head:
-            raise _RequestError(431, b"request header fields too large")
+            raise RequestError(431, b"request header fields too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._head_open:
@@ -590,18 +351,18 @@ class HttpConnection(asyncio.Protocol):
         assert ex is not None
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head:
-            raise _RequestError(431, b"request header fields too large")
+            raise RequestError(431, b"request header fields too large")
         name = _LOWER(name)
         headers = ex.headers
         if len(headers) >= self._max_headers:
-            raise _RequestError(431, b"too many headers")
+            raise RequestError(431, b"too many headers")
         headers.append((name, value))
-        kind = _SPECIAL.get(name)
+        kind = SPECIAL.get(name)
         if kind is not None:
-            if kind == _H_HOST and ex.authority is None:
+            if kind == H_HOST and ex.authority is None:
                 ex.authority = value  # the one nearly every request has
             else:
-                self._special_header(ex, kind, value)
+                note_header(ex, kind, value)
 
     def on_headers_complete(self) -> None:
         ex = self._parsing
@@ -613,9 +374,11 @@ class HttpConnection(asyncio.Protocol):
         parser = self._parser
         ex.method = parser.get_method()
         ex.version = self._version(ex)
-        ex._keep_alive = parser.should_keep_alive()
+        ex.keep_alive = parser.should_keep_alive()
         self._check_request(ex)
-        ex._body_done = ex._upgrade is not None or not (ex._chunked or ex._cl not in (None, b"0"))
+        ex.body_done = ex.upgrade is not None or not (
+            ex.chunked or ex.content_length not in (None, b"0")
+        )
         if ex.request_id == b"":
             ex.request_id = _REQUEST_IDS.take()
         if self._active is None and not self._queue:
@@ -624,7 +387,7 @@ class HttpConnection(asyncio.Protocol):
             self._queue.append(ex)
             self._pause(_P_QUEUE)
 
-    def _version(self, ex: Exchange) -> bytes:
+    def _version(self, ex: ParsedRequest) -> bytes:
         """HTTP version of the request whose head just ended.
 
         httptools only offers ``get_http_version``, which formats a str (about a tenth of the
@@ -643,32 +406,32 @@ class HttpConnection(asyncio.Protocol):
                 return b"1.0"
         version = _VERSIONS.get(self._parser.get_http_version())
         if version is None:
-            raise _RequestError(505, b"HTTP version not supported")
+            raise RequestError(505, b"HTTP version not supported")
         return version
 
     def on_body(self, data: bytes) -> None:
         ex = self._parsing
         assert ex is not None
         ex.bytes_received += len(data)
-        replay = ex._replay
+        replay = ex.replay
         if replay is not None:
-            ex._replay_left -= len(data)
-            if ex._replay_left < 0:
-                ex._replay = None  # too long to hold: this request is never resent
+            ex.replay_left -= len(data)
+            if ex.replay_left < 0:
+                ex.replay = None  # too long to hold: this request is never resent
             else:
                 replay.append(data)
         up = self._upstream
         if up is not None and ex is self._active:
-            if ex._chunked:
+            if ex.chunked:
                 up.write_body(b"%x\r\n" % len(data))
                 up.write_body(data)
-                up.write(_CRLF)
+                up.write(CRLF)
             else:
                 up.write_body(data)
-        elif ex._error is None:
-            ex._body.append(data)
-            ex._buffered += len(data)
-            if ex._buffered > _BUFFER_LIMIT:
+        elif ex.error is None:
+            ex.held.append(data)
+            ex.held_bytes += len(data)
+            if ex.held_bytes > _BUFFER_LIMIT:
                 self._pause(_P_CONNECTING)
 
     def on_message_complete(self) -> None:
@@ -677,107 +440,48 @@ class HttpConnection(asyncio.Protocol):
         self._parsing = None
         if ex is self._stripped:
             return  # not complete: llhttp skipped its body, which _feed reads next
-        if ex._body_done:
+        if ex.body_done:
             return  # bodiless request: already complete at the head
-        ex._body_done = True
+        ex.body_done = True
         if ex is self._active:
             self._arm_timeout()
             if self._upstream is not None:
                 self._request_sent()
 
     # ================================================================== request checks
-    def _special_header(self, ex: Exchange, kind: int, value: bytes) -> None:
-        if kind == _H_HOST:
-            if ex.authority is not None:
-                raise _RequestError(400, b"duplicate host header")
-            ex.authority = value
-        elif kind == _H_CL:
-            ex._cl = value  # llhttp rejects bad and duplicate values
-        elif kind == _H_TE:
-            # llhttp accepts "gzip, chunked"; we could only forward it by decoding gzip.
-            if value.strip().lower() != b"chunked":
-                raise _RequestError(501, b"transfer-encoding not implemented")
-            ex._chunked = True
-        elif kind == _H_CONN:
-            tokens = frozenset(t.strip().lower() for t in value.split(b","))
-            tokens -= _CONNECTION_TOKENS_IGNORED
-            if tokens:
-                ex._conn_tokens = tokens | (ex._conn_tokens or frozenset())
-        elif kind == _H_XFF:
-            ex._xff = value if ex._xff is None else ex._xff + b", " + value
-        elif kind == _H_RID:
-            if not ex.request_id:
-                ex.request_id = value
-        else:  # _H_UPGRADE
-            ex._upgrade = value
-
-    def _check_request(self, ex: Exchange) -> None:
-        if ex._chunked and ex.version == b"1.0":
-            raise _RequestError(400, b"transfer-encoding in an HTTP/1.0 request")  # RFC 9112 §6.1
-        if ex.method == b"CONNECT":
-            raise _RequestError(405, b"CONNECT is not supported")
-        if ex.authority is None and ex.version == b"1.1":
-            raise _RequestError(400, b"missing host header")  # RFC 9112 §3.2, any target form
-        target = ex.target
-        if b"#" in target:
-            raise _RequestError(400, b"invalid request target")  # a fragment: Envoy's 400 too
-        if target[:1] != b"/":
-            if target == b"*":
-                if ex.method != b"OPTIONS":
-                    raise _RequestError(400, b"invalid request target")
-            else:
-                self._absolute_form(ex)
+    def _check_request(self, ex: ParsedRequest) -> None:
+        check_target(ex)
         authority = ex.authority
-        if authority is None:
-            ex.authority = b""  # HTTP/1.0 without Host
-        elif authority != self._host_ok:
-            if authority[-1:] == b" " or authority[-1:] == b"\t":
-                ex.authority = authority = authority.rstrip(_OWS)  # llhttp keeps trailing OWS
-            if not authority_ok(authority):
-                raise _RequestError(400, b"invalid host header")
-            self._host_ok = authority
-        if ex._upgrade is not None:
+        if authority and authority != self._host_ok:
+            ex.authority = self._host_ok = checked_host(authority)
+        if ex.upgrade is not None:
             self._check_upgrade(ex)
 
-    def _check_upgrade(self, ex: Exchange) -> None:
-        """Forward the upgrades the listener allows (WebSocket by default, as Istio): h2c is
-        stripped, as Envoy does (HTTP/2 behind our back would bypass routing); any other
-        protocol is a 403, Envoy's answer to an upgrade it is not configured for."""
+    def _check_upgrade(self, ex: ParsedRequest) -> None:
+        """Forward the upgrades the listener allows; strip h2c (see _feed); refuse the rest."""
+        assert ex.upgrade is not None
         if not self._parser.should_upgrade():
-            ex._upgrade = None  # Upgrade without "Connection: upgrade" is just a header
+            ex.upgrade = None  # Upgrade without "Connection: upgrade" is just a header
             return
-        assert ex._upgrade is not None
-        protocol = ex._upgrade.strip().lower()
-        if protocol in self._upgrades:
+        verdict = upgrade_verdict(ex.upgrade, self._upgrades)
+        if verdict == FORWARD:
             return
-        if protocol != b"h2c":
-            raise _RequestError(403, b"upgrade not allowed")
-        ex._upgrade = None
+        if verdict == REFUSE:
+            raise RequestError(403, b"upgrade not allowed")
+        ex.upgrade = None
         self._stripped = ex  # llhttp will stop after this head all the same: see _feed
 
-    @staticmethod
-    def _absolute_form(ex: Exchange) -> None:
-        """RFC 9112 §3.2.2: the target's authority replaces Host (which must agree with it)."""
-        split = split_absolute_form(ex.target)
-        if split is None:
-            raise _RequestError(400, b"invalid request target")
-        authority, path = split
-        if ex.authority is not None and not same_authority(ex.authority, authority, ex.target):
-            raise _RequestError(400, b"host header does not match the request target")
-        ex.authority = authority
-        ex.target = path
-
     # ================================================================== exchange lifecycle
-    def _activate(self, ex: Exchange) -> None:
+    def _activate(self, ex: ParsedRequest) -> None:
         """Make ``ex`` the active exchange: dispatch it and start forwarding or answering."""
         self._active = ex
         self._started = False
-        self._keep = ex._keep_alive and not self._draining
+        self._keep = ex.keep_alive and not self._draining
         self._attempt = 0
         self._retries = 0
-        self._retried = False
-        if ex._error is not None:
-            self._local_reply(ex, ex._error[0], ex._error[1], close=True)
+        self._resent_stale = False
+        if ex.error is not None:
+            self._local_reply(ex, ex.error[0], ex.error[1], close=True)
             return
         ex.memo = self._memo
         try:
@@ -790,19 +494,19 @@ class HttpConnection(asyncio.Protocol):
             self._local_reply(ex, decision.status, decision.body, decision.headers, decision.close)
             return
         self._forward = decision
-        self._request_head = self._build_request_head(ex, decision)
+        self._request_head = request_head(
+            ex, decision, self._request_drop, self._forwarded_for, self._proto_line
+        )
         plan = decision.retry
-        if plan is not None and ex.bytes_received == 0 and not ex._body_done:
+        if plan is not None and ex.bytes_received == 0 and not ex.body_done:
             # Hold the body (bounded) in case a retry must send it again. A queued request may
             # have body bytes already: past the limit, do not start holding at all.
-            ex._replay = []
-            ex._replay_left = plan.replay_limit
-        elif (
-            plan is not None and ex._upgrade is None and 0 < ex.bytes_received <= plan.replay_limit
-        ):
-            ex._replay = list(ex._body)
-            ex._replay_left = plan.replay_limit - ex.bytes_received
-        if ex._body_done:
+            ex.replay = []
+            ex.replay_left = plan.replay_limit
+        elif plan is not None and ex.upgrade is None and 0 < ex.bytes_received <= plan.replay_limit:
+            ex.replay = list(ex.held)
+            ex.replay_left = plan.replay_limit - ex.bytes_received
+        if ex.body_done:
             self._arm_timeout()
         self._use_pool(decision.pool, fresh=False)
 
@@ -825,12 +529,12 @@ class HttpConnection(asyncio.Protocol):
             ex.flags = "UO"
             self._local_reply(ex, 503, OVERFLOW_TEXT)
 
-    def _open(self, ex: Exchange, pool: UpstreamPool) -> None:
+    def _open(self, ex: ParsedRequest, pool: UpstreamPool) -> None:
         task = self._connect_task = pool.open()
         task.add_done_callback(functools.partial(self._connected, ex, pool))
 
     def _connected(
-        self, ex: Exchange, pool: UpstreamPool, task: asyncio.Task[UpstreamConnection]
+        self, ex: ParsedRequest, pool: UpstreamPool, task: asyncio.Task[UpstreamConnection]
     ) -> None:
         if task.cancelled():
             return  # _drop_upstream: the exchange is over
@@ -865,7 +569,7 @@ class HttpConnection(asyncio.Protocol):
             conn.flush()
             self.flush()
 
-    def _connect_failed(self, ex: Exchange, pool: UpstreamPool) -> None:
+    def _connect_failed(self, ex: ParsedRequest, pool: UpstreamPool) -> None:
         fwd = self._forward
         assert fwd is not None
         monitor = pool.monitor
@@ -908,17 +612,17 @@ class HttpConnection(asyncio.Protocol):
             self._retry_slot = None
             slot.retry_done()
 
-    def _may_retry(self, ex: Exchange, plan: RetryPlan) -> bool:
+    def _may_retry(self, ex: ParsedRequest, plan: RetryPlan) -> bool:
         """Can the active request be sent again (and is a retry left)?"""
-        if self._started or ex._upgrade is not None or not ex._body_done:
+        if self._started or ex.upgrade is not None or not ex.body_done:
             return False
-        if ex.bytes_received and ex._replay is None:
+        if ex.bytes_received and ex.replay is None:
             return False  # a body we did not keep (too long): never replayed
         if not plan.may_resend(ex.method):
             return False  # it may have been processed: only when the route asked (docstring)
         return self._take_retry(plan)
 
-    def _retry(self, ex: Exchange, plan: RetryPlan) -> None:
+    def _retry(self, ex: ParsedRequest, plan: RetryPlan) -> None:
         """Drop the current attempt and send the request again after the back-off."""
         self._discard = False
         self._drop_upstream()
@@ -935,12 +639,12 @@ class HttpConnection(asyncio.Protocol):
             plan.delay(self._retries), self._send_again, ex, pool
         )
 
-    def _send_again(self, ex: Exchange, pool: UpstreamPool) -> None:
+    def _send_again(self, ex: ParsedRequest, pool: UpstreamPool) -> None:
         self._retry_handle = None
         if self._active is not ex or self._closed:
             return
-        if ex._replay:
-            ex._body = list(ex._replay)
+        if ex.replay:
+            ex.held = list(ex.replay)
         self._arm_try_timeout()
         self._use_pool(pool, fresh=False)
         if self._upstream is not None:
@@ -952,24 +656,24 @@ class HttpConnection(asyncio.Protocol):
         ex = self._active
         assert ex is not None
         self._upstream = conn
-        conn.attach(self, head_only=ex.method == b"HEAD", upgrade=ex._upgrade is not None)
+        conn.attach(self, head_only=ex.method == b"HEAD", upgrade=ex.upgrade is not None)
         if self._write_paused:
             conn.pause_reading()
         conn.write(self._request_head)
-        if ex._body:
-            body, ex._body, ex._buffered = ex._body, [], 0
-            if ex._upgrade is not None:
-                ex._body = body  # early tunnel bytes wait for the 101
-            elif ex._chunked:
+        if ex.held:
+            body, ex.held, ex.held_bytes = ex.held, [], 0
+            if ex.upgrade is not None:
+                ex.held = body  # early tunnel bytes wait for the 101
+            elif ex.chunked:
                 for data in body:
                     conn.write_body(b"%x\r\n" % len(data))
                     conn.write_body(data)
-                    conn.write(_CRLF)
+                    conn.write(CRLF)
             else:
                 for data in body:
                     conn.write_body(data)
             self._resume(_P_CONNECTING)
-        if ex._body_done:
+        if ex.body_done:
             self._request_sent()
         if not self._in_feed:
             conn.flush()
@@ -979,8 +683,8 @@ class HttpConnection(asyncio.Protocol):
         ex = self._active
         conn = self._upstream
         assert ex is not None and conn is not None
-        if ex._chunked:
-            conn.write(_LAST_CHUNK)
+        if ex.chunked:
+            conn.write(LAST_CHUNK)
         conn.request_done = True
 
     def _arm_timeout(self) -> None:
@@ -1061,8 +765,8 @@ class HttpConnection(asyncio.Protocol):
         if self._paused:
             self._resume(_P_UPSTREAM | _P_CONNECTING)
         self.flush_soon()
-        self._finished(ex)
-        if not self._keep or not ex._body_done or ex._upgrade is not None:
+        self._report_finished(ex)
+        if not self._keep or not ex.body_done or ex.upgrade is not None:
             self._close()
         elif self._queue:
             # Not now: we may be inside the upstream parser's callback, and the next request
@@ -1084,7 +788,7 @@ class HttpConnection(asyncio.Protocol):
             self._upstream.flush()
         self.flush()
 
-    def _finished(self, ex: Exchange) -> None:
+    def _report_finished(self, ex: ParsedRequest) -> None:
         ex.end = self._loop.time()
         try:
             self._dispatcher.finished(ex)
@@ -1107,16 +811,16 @@ class HttpConnection(asyncio.Protocol):
             conn.abandon()
 
     # ================================================================== the upstream sink
-    def interim(self, status: int, lines: list[bytes]) -> None:
-        """A 1xx head; ``lines`` as for :meth:`head`."""
+    def response_interim(self, status: int, lines: list[bytes]) -> None:
+        """A 1xx head; ``lines`` as for :meth:`response_head`."""
         ex = self._active
         if ex is None or ex.version != b"1.1":
             return  # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client
-        lines[0] = _status_line(status)
-        lines.append(_CRLF)
+        lines[0] = status_line(status)
+        lines.append(CRLF)
         self._wbuf.append(b"".join(lines))
 
-    def head(
+    def response_head(
         self,
         status: int,
         lines: list[bytes],
@@ -1141,7 +845,7 @@ class HttpConnection(asyncio.Protocol):
         ex.status = status
         self._started = True
         upgraded = status == 101
-        if not upgraded and (not ex._body_done or ex._upgrade is not None):
+        if not upgraded and (not ex.body_done or ex.upgrade is not None):
             # Answered before the body ended, or an upgrade refused (what the client sent after
             # its head is not HTTP): either way the client's framing cannot be trusted.
             self._keep = False
@@ -1149,59 +853,51 @@ class HttpConnection(asyncio.Protocol):
         edit = fwd.response_headers
         if edit is not None:
             drop = drop | edit.drop
-        parts = _without(lines, drop) if drop else lines
-        parts[0] = _STATUS_LINES.get(status) or _status_line(status)
+        parts = without(lines, drop) if drop else lines
+        parts[0] = STATUS_LINES.get(status) or status_line(status)
         if upgraded:
-            self._mode = _M_NONE
+            self._mode = M_NONE
             if upgrade_to is not None:
-                parts += (b"upgrade: ", upgrade_to, _CRLF)  # a 101 names its new protocol
-            parts.append(_UPGRADE_LINE)
-        elif no_body:
-            self._mode = _M_NONE
-            if content_length is not None:
-                parts += (b"content-length: ", content_length, _CRLF)
-        elif content_length is not None:
-            self._mode = _M_RAW
-            parts += (b"content-length: ", content_length, _CRLF)
-        elif ex.version == b"1.1":
-            self._mode = _M_CHUNKED
-            parts.append(_CHUNKED_LINE)
+                parts += (b"upgrade: ", upgrade_to, CRLF)  # a 101 names its new protocol
+            parts.append(UPGRADE_LINE)
         else:
-            self._mode = _M_RAW  # HTTP/1.0: the end of the connection delimits the body
-            self._keep = False
+            http10 = ex.version == b"1.0"
+            mode = self._mode = response_framing(parts, content_length, no_body, http10)
+            if mode == M_RAW and http10 and content_length is None:
+                self._keep = False  # the end of the connection delimits the body
         if edit is not None:
             parts.append(edit.lines)
         if fwd.set_cookie is not None:
             parts.append(fwd.set_cookie)
         if not upgraded:
             if not self._keep:
-                parts.append(_CLOSE_LINE)
+                parts.append(CLOSE_LINE)
             elif ex.version == b"1.0":
-                parts.append(_KEEP_ALIVE_LINE)
-        parts.append(_CRLF)
+                parts.append(KEEP_ALIVE_LINE)
+        parts.append(CRLF)
         self._wbuf.append(b"".join(parts))
         if upgraded:
             self._start_tunnel(ex)
 
-    def body(self, data: bytes) -> None:
+    def response_body(self, data: bytes) -> None:
         if self._discard:
             return
         ex = self._active
         assert ex is not None
         ex.bytes_sent += len(data)
         mode = self._mode
-        if mode == _M_RAW:
+        if mode == M_RAW:
             self._wbuf.append(data)
-        elif mode == _M_CHUNKED:
-            self._wbuf += (b"%x\r\n" % len(data), data, _CRLF)
+        elif mode == M_CHUNKED:
+            self._wbuf += (b"%x\r\n" % len(data), data, CRLF)
 
-    def end(self) -> None:
+    def response_end(self) -> None:
         self._upstream = None
         if self._discard:
             self._retry_dropped()
             return
-        if self._mode == _M_CHUNKED:
-            self._wbuf.append(_LAST_CHUNK)
+        if self._mode == M_CHUNKED:
+            self._wbuf.append(LAST_CHUNK)
         self._finish()
 
     def _retry_dropped(self) -> None:
@@ -1213,7 +909,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self._retry(ex, fwd.retry)
 
-    def failed(self, reason: int, retryable: bool) -> None:
+    def response_failed(self, reason: int, retryable: bool) -> None:
         ex = self._active
         self._upstream = None
         if ex is None or self._closed:
@@ -1228,7 +924,7 @@ class HttpConnection(asyncio.Protocol):
         plan = self._forward.retry if self._forward is not None else None
         if (
             retryable
-            and not self._retried
+            and not self._resent_stale
             and not protocol
             and not self._started
             and (ex.method in IDEMPOTENT or (plan is not None and plan.explicit and plan.on_reset))
@@ -1236,7 +932,7 @@ class HttpConnection(asyncio.Protocol):
             # A stale keep-alive connection the server closed as we reused it: only the head
             # went out, and the server most likely closed before reading it. Most likely is
             # not surely, so a non-idempotent request is resent only when the route asked.
-            self._retried = True
+            self._resent_stale = True
             ex.replays += 1
             assert self._pool is not None
             self._use_pool(self._pool, fresh=True)
@@ -1265,7 +961,7 @@ class HttpConnection(asyncio.Protocol):
     def flush_soon(self) -> None:
         """Write what is queued here and on the upstream side: at once when it is the first
         write of this loop iteration, else with the others held since, once the iteration's
-        callbacks are done (:meth:`_Shared.flush_batch`).
+        callbacks are done (:meth:`ListenerState.flush_batch`).
 
         Under load one iteration reads many connections. Writing each answer as its read
         comes in makes the kernel deliver to, and wake, a peer per write; the same writes
@@ -1278,16 +974,27 @@ class HttpConnection(asyncio.Protocol):
         up = self._upstream
         if self._batched or not (self._wbuf or (up is not None and up.pending())):
             return
-        shared = self._shared
-        if shared.holding:
+        listener = self._listener
+        if listener.holding:
             self._batched = True
-            shared.batch.append(self)
+            listener.batch.append(self)
             return
-        shared.holding = True
-        self._loop.call_soon(shared.flush_batch)
+        listener.holding = True
+        self._loop.call_soon(listener.flush_batch)
         self._flush_both()
 
-    def flush_read(self, size: int) -> None:
+    def send_held(self) -> None:
+        """ListenerState.flush_batch: the loop iteration ended, send what was held."""
+        self._batched = False
+        try:
+            self._flush_both()
+        except Exception:  # one broken connection must not hold the others' writes back
+            logger.exception("flush failed for %r", self)
+            self._wbuf.clear()
+            with contextlib.suppress(Exception):
+                self._abort()
+
+    def flush_relayed(self, size: int) -> None:
         """After the upstream relayed a read of ``size`` bytes here: hold it like any small
         write (:meth:`flush_soon`), or send it now when it is large."""
         if size < FLUSH_NOW:
@@ -1325,22 +1032,22 @@ class HttpConnection(asyncio.Protocol):
             ex = self._queue[-1]
         if ex is None or not data:
             return
-        ex._body.append(data)
+        ex.held.append(data)
         ex.bytes_received += len(data)
 
-    def _start_tunnel(self, ex: Exchange) -> None:
+    def _start_tunnel(self, ex: ParsedRequest) -> None:
         self._tunnel = True
-        self._mode = _M_NONE
+        self._mode = M_NONE
         conn = self._upstream
         assert conn is not None
         self._response_deadline = None  # a tunnel lives as long as its ends do
-        early, ex._body = ex._body, []
+        early, ex.held = ex.held, []
         for data in early:
             conn.write_body(data)
         conn.flush()
         self._resume(_P_UPGRADE)
 
-    def tunnel(self, data: bytes) -> None:
+    def response_tunnel(self, data: bytes) -> None:
         ex = self._active
         if ex is not None:
             ex.bytes_sent += len(data)
@@ -1357,34 +1064,31 @@ class HttpConnection(asyncio.Protocol):
     # ================================================================== local replies, errors
     def _local_reply(
         self,
-        ex: Exchange,
+        ex: ParsedRequest,
         status: int,
         body: bytes,
         headers: tuple[tuple[bytes, bytes], ...] = (),
         close: bool = False,
     ) -> None:
         """Answer ``ex`` ourselves (text/plain) and finish it."""
-        if close or not ex._body_done or ex._upgrade is not None:
+        if close or not ex.body_done or ex.upgrade is not None:
             self._keep = False
-        parts = [
-            _status_line(status),
-            b"content-length: %d\r\ncontent-type: text/plain\r\n" % len(body),
-            _date_line(),
-            self._shared.server_line,
-        ]
-        for name, value in headers:
-            parts += (name, b": ", value, _CRLF)
-        if not self._keep:
-            parts.append(_CLOSE_LINE)
-        elif ex.version == b"1.0":
-            parts.append(_KEEP_ALIVE_LINE)
-        parts.append(_CRLF)
-        if ex.method != b"HEAD":
-            parts.append(body)
+        head_request = ex.method == b"HEAD"
+        self._wbuf.append(
+            local_reply(
+                status,
+                body,
+                headers,
+                keep=self._keep,
+                http10=ex.version == b"1.0",
+                head_request=head_request,
+                server_line=self._listener.server_line,
+            )
+        )
+        if not head_request:
             ex.bytes_sent = len(body)
         ex.status = status
         self._started = True
-        self._wbuf.append(b"".join(parts))
         self._finish()
 
     def _parse_error(self, exc: httptools.HttpParserError) -> None:
@@ -1396,25 +1100,22 @@ class HttpConnection(asyncio.Protocol):
         if isinstance(cause, _StopParsing):
             self._parsing = None
             if self._queue:
-                self._queue[-1]._keep_alive = False
+                self._queue[-1].keep_alive = False
             elif self._active is not None:
                 self._keep = False
             return
-        if isinstance(cause, _RequestError):
-            status, text = cause.status, cause.text
-        elif cause is not None:  # raised by our own code inside a callback: a bug, not the client
+        status, text = parse_error_reply(cause)
+        if status == 500:  # raised by our own code inside a callback: a bug, not the client
             logger.error("error handling a request from %s", self._peer, exc_info=cause)
-            status, text = 500, b"internal error"
-        else:
-            status, text = 400, b"bad request"
+        elif cause is None:
             logger.debug("bad request from %s: %s", self._peer, exc)
         ex = self._parsing
         self._parsing = None
         if ex is None:
-            ex = Exchange(self._peer, self._sock, self._loop.time())
-        ex._error = (status, text)
-        ex._body_done = True
-        ex._body = []
+            ex = ParsedRequest(self._peer, self._sock, self._loop.time())
+        ex.error = (status, text)
+        ex.body_done = True
+        ex.held = []
         if status != 500:
             ex.flags = "DPE"
         if ex is self._active:
@@ -1496,7 +1197,7 @@ class HttpConnection(asyncio.Protocol):
         if ex is not None:
             self._set_deadline(ex.start + self._header_timeout)
 
-    def _watch_body(self, ex: Exchange) -> None:
+    def _watch_body(self, ex: ParsedRequest) -> None:
         """A read ended inside ``ex``'s body: from now on it must keep coming (body_timeout)."""
         self._body_watched = ex
         self._body_seen = ex.bytes_received
@@ -1553,7 +1254,7 @@ class HttpConnection(asyncio.Protocol):
             self._set_deadline(min(deadlines))
         # else busy with no response deadline: _go_idle re-arms when the exchange ends
 
-    def _stalled(self, ex: Exchange | None) -> None:
+    def _stalled(self, ex: ParsedRequest | None) -> None:
         """A client stopped sending its request body (``ex``) or reading its response (None)
         for a whole period: reset the upstream request, answer 408 if we still can, close."""
         self._pause(_P_DONE)
@@ -1580,61 +1281,14 @@ class HttpConnection(asyncio.Protocol):
         self._parsing = None
         if ex is None:
             return
-        ex._error = (status, text)
-        ex._body_done = True
+        ex.error = (status, text)
+        ex.body_done = True
         if status == 431:
             ex.flags = "DPE"
         if self._active is None and not self._queue:
             self._activate(ex)
         else:
             self._queue.append(ex)
-
-    # ================================================================== request head
-    def _build_request_head(self, ex: Exchange, fwd: Forward) -> bytes:
-        target = fwd.target if fwd.target is not None else ex.target
-        authority = fwd.authority if fwd.authority is not None else ex.authority
-        if not authority:
-            authority = fwd.pool.key.encode()
-        # The proxy's own headers count as received ones: a route edit may remove or set them.
-        edit = fwd.request_headers
-        edited = edit.drop if edit is not None else _NOTHING
-        own = not edited  # nothing removed: skip the four lookups below
-        parts = [ex.method, b" ", target, b" HTTP/1.1\r\n"]
-        if own or b"host" not in edited:
-            parts.append(b"host: ")
-            parts.append(authority)
-            parts.append(_CRLF)
-        drop = self._request_drop
-        if ex._conn_tokens:
-            drop = drop | ex._conn_tokens
-        if edit is not None:
-            drop = drop | edited
-        for name, value in ex.headers:
-            if name not in drop:
-                parts.append(name)
-                parts.append(b": ")
-                parts.append(value)
-                parts.append(_CRLF)
-        if self._xff:
-            if own or b"x-forwarded-for" not in edited:
-                xff = self._peer_ip if ex._xff is None else ex._xff + b", " + self._peer_ip
-                parts += (b"x-forwarded-for: ", xff, _CRLF)
-            if own or b"x-forwarded-proto" not in edited:
-                parts.append(self._proto_line)
-        if own or b"x-request-id" not in edited:
-            parts.append(b"x-request-id: ")
-            parts.append(ex.request_id)
-            parts.append(_CRLF)
-        if ex._upgrade is not None:
-            parts += (b"upgrade: ", ex._upgrade, _CRLF, _UPGRADE_LINE)
-        elif ex._chunked:
-            parts.append(_CHUNKED_LINE)
-        elif ex._cl is not None:
-            parts += (b"content-length: ", ex._cl, _CRLF)
-        if edit is not None:
-            parts.append(edit.lines)
-        parts.append(_CRLF)
-        return b"".join(parts)
 
     # ================================================================== drain
     def shutdown(self) -> None:
@@ -1643,55 +1297,6 @@ class HttpConnection(asyncio.Protocol):
         self._keep = False
         if self._active is None and not self._queue and not self._head_open:
             self._close()
-
-
-class Connections:
-    """The live client connections of one or more listeners, for a graceful drain.
-
-    conns = Connections()
-    server = await serve(dispatcher, "0.0.0.0", 8080, connections=conns)
-    ...
-    server.close()
-    conns.shutdown()                 # idle ones close now, busy ones after their response
-    async with asyncio.timeout(grace):   # then the caller may conns.abort() the rest
-        await conns.wait_closed()
-    """
-
-    __slots__ = ("_conns", "_empty", "_on_add")
-
-    def __init__(self, on_add: Callable[[], object] | None = None) -> None:
-        self._conns: set[HttpConnection] = set()
-        self._empty: asyncio.Event | None = None
-        self._on_add = on_add  # e.g. a counter of accepted connections
-
-    def __len__(self) -> int:
-        return len(self._conns)
-
-    def add(self, conn: HttpConnection) -> None:
-        self._conns.add(conn)
-        if self._on_add is not None:
-            self._on_add()
-
-    def discard(self, conn: HttpConnection) -> None:
-        self._conns.discard(conn)
-        if not self._conns and self._empty is not None:
-            self._empty.set()
-
-    def shutdown(self) -> None:
-        for conn in list(self._conns):
-            conn.shutdown()
-
-    def abort(self) -> None:
-        for conn in list(self._conns):
-            if conn.transport is not None:
-                conn.transport.abort()
-
-    async def wait_closed(self) -> None:
-        """Until every connection closed (wrap in ``asyncio.timeout`` for a grace period)."""
-        if not self._conns:
-            return
-        self._empty = asyncio.Event()
-        await self._empty.wait()
 
 
 async def serve(
@@ -1706,14 +1311,16 @@ async def serve(
     backlog: int = 1024,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (or on ``sock``) and proxy every request through ``dispatcher``."""
-    shared = _Shared(dispatcher, settings, connections)
+    listener = ListenerState(dispatcher, settings, connections)
     loop = asyncio.get_running_loop()
     if sock is not None:
-        return await loop.create_server(lambda: HttpConnection(shared), sock=sock, backlog=backlog)
+        return await loop.create_server(
+            lambda: HttpConnection(listener), sock=sock, backlog=backlog
+        )
     if port is None:
         raise ValueError("port is required without sock")
     return await loop.create_server(
-        lambda: HttpConnection(shared),
+        lambda: HttpConnection(listener),
         host,
         port,
         reuse_port=reuse_port or None,

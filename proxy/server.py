@@ -48,8 +48,9 @@ from proxy.config import Config, ConfigError, Endpoint
 from proxy.discovery import DEFAULT_DNS_REFRESH, DiscoveryError, EndpointWatcher
 from proxy.dispatch import Dispatcher
 from proxy.exchange import ServerSettings
-from proxy.http1 import Connections, serve
+from proxy.http1 import serve
 from proxy.istio import load_config
+from proxy.listener import Connections
 from proxy.runtime import ClusterRuntime, Runtime, RuntimeRef, build_runtime
 
 if TYPE_CHECKING:

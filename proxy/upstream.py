@@ -11,12 +11,13 @@ can be matched to its request only by order, and a reset would then lose every r
 it). While it serves an exchange it is *attached* to its sink — the downstream connection,
 ``http1.HttpConnection`` — and reports the response through a handful of calls:
 
-    interim(status, lines)       1xx other than 101, zero or more times
-    head(status, lines, ...)     the final response head
-    body(data) ... end()         body bytes as httptools delivers them, then the end
-    tunnel(data)                 after 101: raw bytes from the upstream
-    failed(reason, retryable)    the connection died or spoke garbage; the sink maps it to
-                                 502/503 or a truncated response (see http1's table)
+    response_interim(status, lines)     1xx other than 101, zero or more times
+    response_head(status, lines, ...)   the final response head
+    response_body(data) ...             body bytes as httptools delivers them,
+    response_end()                      then the end
+    response_tunnel(data)               after 101: raw bytes from the upstream
+    response_failed(reason, retryable)  the connection died or spoke garbage; the sink maps
+                                        it to 502/503 or a truncated response (replies)
 
 The connection decides whether it may be reused (upstream keep-alive, request fully written,
 response fully read, request cap) and returns itself to its pool *before* telling the sink the
@@ -357,8 +358,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close(abort=True)
             return
         if self._tunnel:
-            sink.tunnel(data)
-            sink.flush_read(len(data))
+            sink.response_tunnel(data)
+            sink.flush_relayed(len(data))
             return
         self._got_bytes = True
         try:
@@ -366,7 +367,7 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             rest = data[exc.args[0] :]
             if rest and self._sink is not None:
-                self._sink.tunnel(rest)
+                self._sink.response_tunnel(rest)
         except httptools.HttpParserError as exc:
             cause = callback_error(exc)
             if cause is not None and not isinstance(cause, _Unexpected):
@@ -382,7 +383,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self._head_bytes > MAX_RESPONSE_HEAD:
                 self._fail(PROTOCOL_ERROR)
                 return
-        sink.flush_read(len(data))
+        sink.flush_relayed(len(data))
 
     def eof_received(self) -> bool | None:
         return None  # close; connection_lost decides what the EOF meant
@@ -406,7 +407,7 @@ class UpstreamConnection(asyncio.Protocol):
             # A body delimited by the end of the connection: a clean close (FIN) *is* its end.
             # A reset is not: the client must see a truncated response, not a complete one.
             self._sink = None
-            sink.end()
+            sink.response_end()
             return
         self._fail(RESET)
 
@@ -481,7 +482,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise _Unexpected
         status = self._parser.get_status_code()
         if status < 200 and status != 101:
-            sink.interim(status, self._lines)
+            sink.response_interim(status, self._lines)
             return
         if status == 101 and not self._upgrade:
             raise _Unexpected  # 101 to a request that did not ask for it
@@ -489,7 +490,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._chunked:
             self._content_length = None  # RFC 9112 §6.3: TE overrides CL (llhttp rejects both)
         no_body = self._head_only or status in (204, 304)
-        sink.head(
+        sink.response_head(
             status,
             self._lines,
             self._content_length,
@@ -507,7 +508,7 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self._sink
         if sink is None:
             raise _Unexpected  # e.g. a body after a response to HEAD
-        sink.body(data)
+        sink.response_body(data)
 
     def on_message_complete(self) -> None:
         if not self._final or self._tunnel or self._sink is None:
@@ -536,7 +537,7 @@ class UpstreamConnection(asyncio.Protocol):
             pool.release(self)
         else:
             self.close()
-        sink.end()
+        sink.response_end()
 
     def _fail(self, reason: int) -> None:
         sink = self._sink
@@ -544,7 +545,7 @@ class UpstreamConnection(asyncio.Protocol):
         retryable = self.reused and not self._body_sent and not self._got_bytes
         self.close(abort=reason == PROTOCOL_ERROR)
         if sink is not None:
-            sink.failed(reason, retryable)
+            sink.response_failed(reason, retryable)
 
 
 class UpstreamPool:

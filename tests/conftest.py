@@ -25,7 +25,8 @@ import pytest
 from aiohttp import web
 
 from proxy.exchange import Dispatcher, Exchange, Forward, LocalReply, ServerSettings
-from proxy.http1 import Connections, serve
+from proxy.http1 import serve
+from proxy.listener import Connections
 from proxy.upstream import UpstreamPool
 
 HOST = "127.0.0.1"

@@ -15,7 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.http1 import Exchange, Forward, HeaderEdit, LocalReply, _RequestIds
+from proxy.exchange import Exchange, Forward, HeaderEdit, LocalReply
+from proxy.framing import RequestIds
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -24,7 +25,7 @@ UUID4 = re.compile(rb"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0
 
 
 def test_request_ids_are_uuid4_text_across_batches() -> None:
-    ids = _RequestIds()
+    ids = RequestIds()
     made = [ids.take() for _ in range(1000)]  # several batches of 256
     assert all(UUID4.match(i) for i in made), [i for i in made if not UUID4.match(i)][:3]
     assert len(set(made)) == len(made)

@@ -10,15 +10,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.http1 import (
+from proxy.exchange import Exchange, Forward, LocalReply, ServerSettings
+from proxy.replies import (
     CONNECT_FAILURE,
     CONNECTION_TERMINATION,
     PROTOCOL_ERROR_TEXT,
     UPSTREAM_TIMEOUT,
-    Exchange,
-    Forward,
-    LocalReply,
-    ServerSettings,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -615,7 +612,8 @@ async def test_local_reply_to_head_has_no_body(proxy, raw_client):
 
 
 async def test_drain_closes_idle_and_finishes_busy(backend, raw_client, pools, forward_all):
-    from proxy.http1 import Connections, serve
+    from proxy.http1 import serve
+    from proxy.listener import Connections
 
     app = web.Application()
     arrived, release = asyncio.Event(), asyncio.Event()

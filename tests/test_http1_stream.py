@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.http1 import Exchange, Forward, LocalReply, ServerSettings, serve
+from proxy.exchange import Exchange, Forward, LocalReply, ServerSettings
+from proxy.http1 import serve
 from proxy.upstream import UpstreamPool
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,7 +17,7 @@ import pytest
 from conftest import ForwardAll
 
 from proxy.config import RetryPolicy
-from proxy.http1 import CONNECT_FAILURE, CONNECTION_TERMINATION, OVERFLOW_TEXT
+from proxy.replies import CONNECT_FAILURE, CONNECTION_TERMINATION, OVERFLOW_TEXT
 from proxy.retry import (
     RETRY_CONNECT_FAILURE,
     RETRY_RESET,
