@@ -8,10 +8,14 @@ BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps
 MODE   := $(if $(filter-out 0,$(STICKY_PROXY_PURE)),pure,compiled)
 STAMP  := $(VENV)/.installed-$(MODE)
-# The modules setup.py compiles (its COMPILED list).
-COMPILED := $(shell sed -n 's|^    "\(proxy/[a-z0-9_]*\.py\)",$$|\1|p' setup.py)
+# The modules setup.py compiles: pyproject.toml's [tool.sticky-proxy] compiled list.
+COMPILED := $(shell $(PYTHON) -c 'import tomllib; \
+	print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["sticky-proxy"]["compiled"])')
+ifeq ($(strip $(COMPILED)),)
+$(error cannot read [tool.sticky-proxy] compiled from pyproject.toml with $(PYTHON))
+endif
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit quick bench clean
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +24,7 @@ $(DEPS): pyproject.toml
 	touch $@
 
 # Build in place with the venv's own mypy (no isolated build environment to download each time);
-# stale extensions go first, so a module dropped from COMPILED is never shadowed by an old one.
+# stale extensions go first, so a module dropped from the list is never shadowed by an old one.
 $(STAMP): $(DEPS) setup.py $(COMPILED)
 	rm -f proxy/*.so proxy__mypyc*.so $(VENV)/.installed-*
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
@@ -41,9 +45,13 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
+# The tests without the slow ones (subprocesses, pods under load), while working on something.
+quick: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
 bench: $(STAMP)
 	bash bench/setup.sh
-	python3 bench/run.py
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache proxy/*.so proxy__mypyc*.so

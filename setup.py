@@ -14,25 +14,15 @@ either way; an installed extension takes precedence over the .py file of the sam
 from __future__ import annotations
 
 import os
+import tomllib
+from pathlib import Path
 
 from setuptools import setup
 
-# The modules every request runs through (and what they import on that path).
-COMPILED = [
-    "proxy/exchange.py",
-    "proxy/framing.py",
-    "proxy/downstream.py",
-    "proxy/listener.py",
-    "proxy/replies.py",
-    "proxy/http1.py",
-    "proxy/upstream.py",
-    "proxy/dispatch.py",
-    "proxy/affinity.py",
-    "proxy/hashing.py",
-    "proxy/retry.py",
-    "proxy/metrics.py",
-    "proxy/accesslog.py",
-]
+# The modules every request runs through (and what they import on that path): pyproject.toml's
+# [tool.sticky-proxy] compiled list, which the Makefile reads too.
+PYPROJECT = Path(__file__).resolve().parent / "pyproject.toml"
+COMPILED: list[str] = tomllib.loads(PYPROJECT.read_text())["tool"]["sticky-proxy"]["compiled"]
 
 
 def ext_modules() -> list[object]:

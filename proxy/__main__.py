@@ -2,9 +2,10 @@
 
 ``check`` validates Istio YAML the way the proxy loads it (exit 0, or 2 with every error).
 ``route`` answers, offline, the question Istio users cannot ask Envoy: *where would this request
-go?*  It runs the proxy's own code - ``proxy.istio`` to load, ``proxy.routing.Router`` to route,
-``proxy.affinity.Affinity`` to hash (and invent the cookie), ``proxy.cluster.build_balancer`` to
-pick - so its answer is the running proxy's answer for the same endpoints.
+go?*  It runs the proxy's own code (``proxy.explain``, which the admin ``/route`` serves too:
+``proxy.routing.Router`` to route, ``proxy.affinity.Affinity`` to hash and invent the cookie,
+the cluster's balancer to pick), so its answer is the running proxy's answer for the same
+endpoints.
 """
 
 from __future__ import annotations
@@ -14,19 +15,13 @@ import functools
 import os
 import sys
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
-from urllib.parse import urlencode
 
 from proxy import __version__
-from proxy.config import (
-    DURATION_HINT,
-    ClusterSpec,
-    Config,
-    ConfigError,
-    StaticEndpoints,
-    load_config,
-    parse_duration,
-)
+from proxy.config import Config, ConfigError
+from proxy.istio import load_config
+from proxy.istio_reader import DURATION_HINT, parse_duration
 
 EXIT_OK = 0
 EXIT_NO_ROUTE = 1
@@ -93,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "run":
-        return _run(args, parser)
+        return _run(RunArgs.parse(args), parser)
     if args.command == "demo":
         from proxy.demo import run_demo
 
@@ -108,9 +103,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- run
-
-
-_RUN_PARSER: list[argparse.ArgumentParser] = []  # for the workers' command lines
 
 
 def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -226,7 +218,100 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     quick.add_argument(
         "--print-config", action="store_true", help="print the equivalent Istio YAML and exit"
     )
-    _RUN_PARSER[:] = [run]
+
+
+@dataclass(frozen=True, slots=True)
+class RunArgs:
+    """``sticky-proxy run``'s arguments as parsed: one field per option, named like its dest.
+
+    The parser keeps the defaults and the help; this is the typed value ``_run`` reads and
+    ``run_argv`` turns back into a command line (a worker's: ``worker_argv``).
+    """
+
+    paths: tuple[str, ...]
+    listen: tuple[str, ...]
+    dns_refresh: float
+    log_level: str
+    admin_port: str
+    admin_address: str
+    readiness_port: str
+    metrics_port: str
+    ops_address: str
+    access_log: str
+    drain_time: float
+    drain_deadline: float
+    watch: bool
+    idle_timeout: float
+    header_timeout: float
+    body_timeout: float
+    send_timeout: float
+    workers: str
+    worker: int | None
+    ready_fd: int | None
+    upstream: tuple[str, ...]
+    cookie: str
+    ttl: str
+    passive: bool
+    cookie_path: str | None
+    header: str | None
+    query: str | None
+    source_ip: bool
+    maglev: bool
+    table_size: int | None
+    ring_size: int | None
+    print_config: bool
+
+    @classmethod
+    def parse(cls, namespace: argparse.Namespace) -> RunArgs:
+        """From the ``run`` subcommand's namespace (lists become tuples)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = getattr(namespace, f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+        return cls(**values)
+
+
+def run_argv(args: RunArgs) -> list[str]:
+    """``args`` as a ``run`` command line that parses back to the same ``RunArgs``.
+
+    Every field is written as its option (``--dns-refresh=2.0``), lists as the option repeated,
+    true flags alone, None and false omitted; the paths come last, after ``--``.
+    """
+    argv = ["run"]
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if f.name == "paths" or value is None or value is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, tuple):
+            argv.extend(f"{flag}={item}" for item in value)
+        else:
+            argv.append(f"{flag}={value}")  # one word: a value may start with "-"
+    return [*argv, "--", *args.paths]
+
+
+def worker_argv(
+    args: RunArgs,
+    index: int,
+    listen: Sequence[tuple[str, int]],
+    admin_port: int | None,
+    ready_fd: int,
+) -> list[str]:
+    """The ``run`` command line of worker ``index``: the user's flags, with the supervisor's
+    resolved listen addresses, the admin port on worker 0 only, no readiness/metrics ports."""
+    worker = replace(
+        args,
+        listen=tuple(f"{h}:{p}" for h, p in listen),
+        workers="1",
+        worker=index,
+        ready_fd=ready_fd,
+        admin_port=str(admin_port) if index == 0 and admin_port is not None else "off",
+        readiness_port="off",
+        metrics_port="off",
+    )
+    return run_argv(worker)
 
 
 def duration_arg(text: str) -> float:
@@ -262,7 +347,7 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
     from proxy.exchange import ServerSettings
     from proxy.quick import QuickOptions, parse_address, quick_config, quick_yaml
     from proxy.server import RunOptions, run_proxy
@@ -329,7 +414,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             metrics=(args.ops_address, metrics) if metrics is not None else None,
             drain_time=args.drain_time,
             drain_deadline=args.drain_deadline,
-            command=functools.partial(_worker_command, args),
+            command=functools.partial(worker_argv, args),
         )
         return _run_loop(supervisor.run())
     worker = args.worker
@@ -381,42 +466,6 @@ def _workers(text: str) -> int:
     return int(text)
 
 
-def _worker_command(
-    args: argparse.Namespace,
-    index: int,
-    listen: Sequence[tuple[str, int]],
-    admin_port: int | None,
-    ready_fd: int,
-) -> list[str]:
-    """The ``run`` command line of worker ``index``: the user's flags, with the supervisor's
-    resolved listen addresses, the admin port on worker 0 only, no readiness/metrics ports."""
-    override = {
-        "listen": [f"{h}:{p}" for h, p in listen],
-        "workers": "1",
-        "worker": str(index),
-        "ready_fd": str(ready_fd),
-        "admin_port": str(admin_port) if index == 0 and admin_port is not None else "off",
-        "readiness_port": "off",
-        "metrics_port": "off",
-    }
-    argv = ["run"]
-    for action in _RUN_PARSER[0]._actions:
-        if action.dest == "help":
-            continue
-        value = override.get(action.dest, getattr(args, action.dest, None))
-        if not action.option_strings:
-            argv.extend(value or [])
-        elif isinstance(action, argparse._StoreTrueAction):
-            if value:
-                argv.append(action.option_strings[0])
-        elif isinstance(action, argparse._AppendAction):
-            for item in value or []:
-                argv += [action.option_strings[0], str(item)]
-        elif value is not None:
-            argv += [action.option_strings[0], str(value)]
-    return argv
-
-
 # --------------------------------------------------------------------------- check
 
 
@@ -451,28 +500,24 @@ def _check(paths: Sequence[str]) -> int:
 # --------------------------------------------------------------------------- route
 
 
-def _pairs(values: Sequence[str], sep: str, what: str) -> list[tuple[str, str]] | None:
+def _pairs(values: Sequence[str], sep: str, what: str) -> tuple[tuple[str, str], ...] | None:
+    from proxy.explain import split_pair
+
     out: list[tuple[str, str]] = []
     for value in values:
-        key, found, rest = value.partition(sep)
-        if not found or not key.strip():
+        pair = split_pair(value, sep)
+        if pair is None:
             print(
                 f"sticky-proxy route: {what} {value!r} must look like NAME{sep}VALUE",
                 file=sys.stderr,
             )
             return None
-        out.append((key.strip(), rest.strip() if sep == ":" else rest))
-    return out
-
-
-def _address(text: str) -> tuple[str, int] | None:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        return None
-    return host.strip("[]"), int(port)
+        out.append(pair)
+    return tuple(out)
 
 
 def _route(args: argparse.Namespace) -> int:
+    from proxy.explain import Probe, address_of, explain
     from proxy.routing import Router
 
     config = _load(args.paths)
@@ -494,180 +539,31 @@ def _route(args: argparse.Namespace) -> int:
             )
             return EXIT_CONFIG
         port = ports[0]
-    listener = config.listener(port)
-    if listener is None:
+    if config.listener(port) is None:
         listed = ", ".join(map(str, ports)) or "none"
         print(
             f"sticky-proxy route: no Gateway server listens on port {port} (ports: {listed})",
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    local = _address(args.local) if args.local else ("127.0.0.1", port)
+    local = address_of(args.local) if args.local else ("127.0.0.1", port)
     if local is None:
         print(f"sticky-proxy route: --local {args.local!r} must look like IP:PORT", file=sys.stderr)
         return EXIT_CONFIG
-    remote = (args.client_ip, args.client_port)
-
-    target = args.path if args.path.startswith("/") else "/" + args.path
-    if queries:
-        target += ("&" if "?" in target else "?") + urlencode(queries, safe="/:@,")
-    raw_headers: list[tuple[str, str]] = [("host", args.host), *headers]
-    if cookies:
-        raw_headers.append(("cookie", "; ".join(f"{n}={v}" for n, v in cookies)))
-    header_map: dict[str, str] = {}
-    for name, value in raw_headers:
-        key = name.lower()
-        header_map[key] = f"{header_map[key]},{value}" if key in header_map else value
-    query_map: dict[str, str] = {}
-    _, _, raw_query = target.partition("?")
-    for pair in raw_query.split("&") if raw_query else ():
-        name, _, value = pair.partition("=")
-        query_map.setdefault(name, value)
-
-    router = Router(config, port)
-    out = _Printer()
-    out.line("listener", f"{listener.bind}:{port} (Gateway {', '.join(listener.gateways)})")
-    out.line("request", f"{args.method} http://{args.host}{target}")
-    out.line("connection", f"client {_fmt(remote)} -> proxy {_fmt(local)}")
-    decision = router.match(args.host, target, args.method, header_map, query_map)
-    if decision is None:
-        vhosts = ", ".join(router.vhosts) or "none"
-        out.line("route", f"none: the proxy answers 404 (no route; virtual hosts: {vhosts})")
-        return EXIT_NO_ROUTE
-    action = decision.action
-    out.line("virtual host", decision.vhost)
-    if action.virtual_service:
-        source = next(
-            (vs.source for vs in config.virtual_services if vs.key == action.virtual_service), ""
-        )
-        out.line("VirtualService", f"{action.virtual_service} ({source})")
-        match = f" match[{action.match_index}]" if action.match_index is not None else ""
-        name = f" name {action.route_name!r}" if action.route_name else ""
-        out.line("route", f"http[{action.route_index}]{match}{name}")
-    reply = decision.local_reply
-    if reply is not None:
-        what = "redirect" if action.redirect is not None else "direct response"
-        extra = f" -> {decision.location}" if decision.location else ""
-        body = f" body {reply.body[:60]!r}" if reply.body else ""
-        out.line("reply", f"{what} {reply.status}{extra}{body}")
-        return EXIT_OK
-    assert decision.cluster is not None
-    upstream = decision.path
-    host = (decision.authority or args.host.encode()).decode("latin-1")
-    out.line("cluster", decision.cluster)
-    out.line("upstream", f"{args.method} {upstream} (Host: {host})")
-    edits = _edits("request headers", decision.request_headers)
-    if edits:
-        out.line("headers", edits)
-    out.line("timeout", f"{decision.timeout:g}s" if decision.timeout is not None else "none")
-    retries = decision.retries
-    out.line(
-        "retries",
-        f"{retries.attempts} on {','.join(retries.retry_on)}"
-        if retries is not None
-        else "disabled",
+    probe = Probe(
+        args.host,
+        args.path,
+        args.method,
+        headers=headers,
+        cookies=cookies,
+        query=queries,
+        client=(args.client_ip, args.client_port),
+        local=local,
     )
-    spec = config.clusters.get(decision.cluster)
-    if spec is None:
-        out.line("endpoints", "none: the cluster does not exist (the proxy answers 503)")
-        return EXIT_OK
-    return _pick(out, spec, decision.action.affinity, raw_headers, target, remote, local)
-
-
-def _pick(
-    out: _Printer,
-    spec: ClusterSpec,
-    affinity: object,
-    raw_headers: list[tuple[str, str]],
-    target: str,
-    remote: tuple[str, int],
-    local: tuple[str, int],
-) -> int:
-    from proxy.affinity import Affinity, set_cookie_value
-    from proxy.cluster import build_balancer
-
-    out.line("load balancer", spec.lb.describe)
-    hash_: int | None = None
-    if isinstance(affinity, Affinity):
-        out.line("hash policy", "; ".join(_policy(p) for p in affinity.policies))
-        wire = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in raw_headers]
-        hash_, generated = affinity.compute(wire, target.encode("latin-1"), remote, local)
-        out.line(
-            "hash key",
-            f"0x{hash_:016x}"
-            if hash_ is not None
-            else "none: no policy found its key, the pick is random",
-        )
-        policy = affinity.cookie_policy
-        if generated is not None and policy is not None:
-            out.line("set-cookie", set_cookie_value(policy, generated))
-        elif policy is not None:
-            reason = "the request carries it" if policy.ttl is not None else "no ttl: read only"
-            out.line("set-cookie", f"none ({reason})")
-    else:
-        out.line("hash policy", "none")
-    endpoints = spec.endpoints
-    if not isinstance(endpoints, StaticEndpoints):
-        names = " ".join(t.key for t in endpoints.targets) or "none"
-        out.line("endpoints", f"DNS {names} (resolved at run time; no endpoint picked)")
-        return EXIT_OK
-    if not endpoints.endpoints:
-        out.line("endpoints", "none: the proxy answers 503 no healthy upstream")
-        return EXIT_OK
-    out.line(
-        "endpoints",
-        " ".join(
-            ep.key + (f" (weight {ep.weight})" if ep.weight != 1 else "")
-            for ep in endpoints.endpoints
-        ),
-    )
-    if spec.lb.consistent_hash is None:
-        out.line("endpoint", f"chosen per request by {spec.lb.describe} (not by a hash)")
-        return EXIT_OK
-    if hash_ is None:
-        out.line("endpoint", "random (no hash key)")
-        return EXIT_OK
-    balancer = build_balancer(spec.lb, endpoints.endpoints)
-    out.line("endpoint", balancer.pick(hash_))
-    return EXIT_OK
-
-
-def _policy(policy: object) -> str:
-    from proxy.affinity import CookiePolicy, HeaderPolicy, QueryParameterPolicy
-
-    if isinstance(policy, CookiePolicy):
-        parts = [f"cookie {policy.name}"]
-        parts.append(f"ttl {policy.ttl}s" if policy.ttl is not None else "no ttl (read only)")
-        if policy.path:
-            parts.append(f"path {policy.path}")
-        parts.extend(f"{a.name}={a.value}" if a.value else a.name for a in policy.attributes)
-        return ", ".join(parts)
-    if isinstance(policy, HeaderPolicy):
-        return f"header {policy.name}"
-    if isinstance(policy, QueryParameterPolicy):
-        return f"query parameter {policy.name}"
-    return "source IP"
-
-
-def _edits(label: str, edit: object) -> str:
-    from proxy.exchange import HeaderEdit
-
-    if not isinstance(edit, HeaderEdit):
-        return ""
-    parts = [f"-{n.decode()}" for n in sorted(edit.remove)]
-    parts += [f"{n.decode()}={v.decode()}" for n, v in edit.set]
-    parts += [f"+{n.decode()}={v.decode()}" for n, v in edit.add]
-    return " ".join(parts)
-
-
-def _fmt(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class _Printer:
-    def line(self, label: str, text: str) -> None:
+    explanation = explain(config, Router(config, port), probe)
+    for label, text in explanation.as_lines():
         print(f"{label + ':':<16}{text}")
+    return EXIT_NO_ROUTE if explanation.decision is None else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -15,31 +15,55 @@
             GET /stats/prometheus   as on :15090
 
 The data plane never runs here: these apps read the proxy's current ``Runtime`` (one reference)
-and its snapshots, exactly what the request path reads.
+and its snapshots, exactly what the request path reads. They see the proxy through
+``AdminView`` (what they read, nothing more), so this module does not import ``proxy.server``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import re
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from multidict import MultiMapping
 
-from proxy.affinity import Affinity, set_cookie_value
+from proxy.explain import ClusterView, Probe, address_of, explain, split_pair
 from proxy.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from proxy.server import Proxy
+    from proxy.runtime import Runtime, RuntimeRef
 
 log = logging.getLogger("proxy.admin")
 
-PROXY_KEY = web.AppKey("proxy", object)
+
+class AdminView(Protocol):
+    """What the admin endpoints read from the running proxy (``proxy.server.Proxy`` is one)."""
+
+    @property
+    def ref(self) -> RuntimeRef:
+        """The runtime requests read now: ``ref.current``."""
+        ...
+
+    @property
+    def options(self) -> object:
+        """The run options, a dataclass (shown by ``/config_dump``)."""
+        ...
+
+    @property
+    def started(self) -> bool: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of this process."""
+        ...
 
 
 # --------------------------------------------------------------------------- apps
@@ -65,7 +89,7 @@ def metrics_app(exposition: Callable[[], bytes]) -> web.Application:
     return app
 
 
-def admin_app(proxy: Proxy) -> web.Application:
+def admin_app(proxy: AdminView) -> web.Application:
     """The admin endpoints (bind them to loopback: they show the whole configuration)."""
 
     async def ready(request: web.Request) -> web.Response:
@@ -77,18 +101,18 @@ def admin_app(proxy: Proxy) -> web.Application:
 
     async def config_dump(request: web.Request) -> web.Response:
         return web.json_response(
-            {"config": plain(proxy.runtime.config), "options": plain(proxy.options)},
+            {"config": plain(proxy.ref.current.config), "options": plain(proxy.options)},
             dumps=_dumps,
         )
 
     async def clusters(request: web.Request) -> web.Response:
-        table = clusters_table(proxy)
+        table = clusters_table(proxy.ref.current)
         if request.query.get("format") == "json":
             return web.json_response(table, dumps=_dumps)
         return web.Response(text=clusters_text(table))
 
     async def route(request: web.Request) -> web.Response:
-        status, answer = route_request(proxy, request.query)
+        status, answer = route_request(proxy.ref.current, request.query)
         return web.json_response(answer, status=status, dumps=_dumps)
 
     async def scrape(request: web.Request) -> web.Response:
@@ -150,9 +174,10 @@ def _dumps(obj: object) -> str:
 
 
 # --------------------------------------------------------------------------- clusters
-def clusters_table(proxy: Proxy) -> list[dict[str, Any]]:
+def clusters_table(runtime: Runtime) -> list[dict[str, Any]]:
+    """Each cluster of ``runtime`` with its endpoints' health, weight and balancer share."""
     out: list[dict[str, Any]] = []
-    for name, crt in sorted(proxy.runtime.clusters.items()):
+    for name, crt in sorted(runtime.clusters.items()):
         snap = crt.cluster.snapshot
         healthy = {ep.key for ep in snap.healthy}
         balancer = snap.balancer
@@ -197,22 +222,11 @@ def clusters_text(table: list[dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------- route
-def _split(text: str, sep: str) -> tuple[str, str] | None:
-    key, found, value = text.partition(sep)
-    if not found or not key.strip():
-        return None
-    return key.strip(), value.strip() if sep == ":" else value
-
-
-def route_request(proxy: Proxy, query: MultiMapping[str]) -> tuple[int, dict[str, Any]]:
+def route_request(runtime: Runtime, query: MultiMapping[str]) -> tuple[int, dict[str, Any]]:
     """Where would this request go, now? (status, answer); 404 when no route matches."""
-    runtime = proxy.runtime
     host = query.get("host")
     if not host:
         return 400, {"error": "host is required: /route?host=example.com&path=/"}
-    path = query.get("path", "/")
-    target = path if path.startswith("/") else "/" + path
-    method = query.get("method", "GET")
     ports = sorted(runtime.routers)
     try:
         port = int(query["port"]) if "port" in query else (ports[0] if len(ports) == 1 else -1)
@@ -223,69 +237,32 @@ def route_request(proxy: Proxy, query: MultiMapping[str]) -> tuple[int, dict[str
     if router is None:
         return 400, {"error": f"choose a Gateway port with port= (ports: {ports})"}
     local_text = query.get("local", f"127.0.0.1:{port}")
-    lhost, _, lport = local_text.rpartition(":")
-    if not lhost or not lport.isdigit():
+    local = address_of(local_text)
+    if local is None:
         return 400, {"error": f"local={local_text!r} must look like IP:PORT"}
-    local = (lhost.strip("[]"), int(lport))
-    headers: list[tuple[str, str]] = [("host", host)]
-    cookies: list[tuple[str, str]] = []
-    for kind, sep, into in (("header", ":", headers), ("cookie", "=", cookies)):
+    pairs: dict[str, list[tuple[str, str]]] = {"header": [], "cookie": []}
+    for kind, sep in (("header", ":"), ("cookie", "=")):
         for value in query.getall(kind, []):
-            pair = _split(value, sep)
+            pair = split_pair(value, sep)
             if pair is None:
                 return 400, {"error": f"{kind}={value!r} must look like NAME{sep}VALUE"}
-            into.append((pair[0].lower() if sep == ":" else pair[0], pair[1]))
-    if cookies:
-        headers.append(("cookie", "; ".join(f"{n}={v}" for n, v in cookies)))
-    header_map: dict[str, str] = {}
-    for name, value in headers:
-        header_map[name] = f"{header_map[name]},{value}" if name in header_map else value
-    params: dict[str, str] = {}
-    _, _, raw_query = target.partition("?")
-    for item in raw_query.split("&") if raw_query else ():
-        name, _, value = item.partition("=")
-        params.setdefault(name, value)
-    answer: dict[str, Any] = {"port": port, "request": f"{method} http://{host}{target}"}
-    decision = router.match(host, target, method, header_map, params)
-    if decision is None:
-        answer["route"] = None
-        answer["reply"] = "404 no route"
-        return 404, answer
-    action = decision.action
-    answer.update(
-        virtual_host=decision.vhost,
-        virtual_service=action.virtual_service,
-        route=action.route_name or f"http[{action.route_index}]",
-        cluster=decision.cluster,
+            pairs[kind].append(pair)
+    probe = Probe(
+        host,
+        query.get("path", "/"),
+        query.get("method", "GET"),
+        headers=tuple(pairs["header"]),
+        cookies=tuple(pairs["cookie"]),
+        client=client,
+        local=local,
     )
-    reply = decision.local_reply
-    if reply is not None:
-        answer["reply"] = f"{reply.status}" + (
-            f" -> {decision.location}" if decision.location else ""
-        )
-        return 200, answer
-    crt = runtime.clusters.get(decision.cluster or "")
+    return explain(runtime.config, router, probe, functools.partial(_live, runtime)).as_json()
+
+
+def _live(runtime: Runtime, name: str) -> ClusterView | None:
+    """A cluster as requests see it now: the healthy endpoints and the current balancer."""
+    crt = runtime.clusters.get(name)
     if crt is None:
-        answer["reply"] = "503 no healthy upstream (no such cluster)"
-        return 200, answer
-    answer["upstream_path"] = decision.path
-    hash_: int | None = None
-    affinity = action.affinity
-    if isinstance(affinity, Affinity):
-        wire = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
-        hash_, generated = affinity.compute(wire, target.encode("latin-1"), client, local)
-        policy = affinity.cookie_policy
-        if generated is not None and policy is not None:
-            answer["set_cookie"] = set_cookie_value(policy, generated)
-    answer["hash_key"] = f"0x{hash_:016x}" if hash_ is not None else None
+        return None
     snap = crt.cluster.snapshot
-    answer["endpoints"] = [ep.key for ep in snap.healthy]
-    balancer = snap.balancer
-    if balancer is None:
-        answer["reply"] = "503 no healthy upstream"
-    elif crt.spec.lb.consistent_hash is None or hash_ is None:
-        answer["endpoint"] = None
-        answer["note"] = f"chosen per request by {crt.spec.lb.describe} (no hash key)"
-    else:
-        answer["endpoint"] = balancer.pick(hash_)
-    return 200, answer
+    return ClusterView(crt.spec, snap.healthy, snap.balancer)

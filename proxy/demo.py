@@ -44,7 +44,8 @@ from types import TracebackType
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from proxy.config import Config, ConfigError, StaticEndpoints, load_config
+from proxy.config import Config, ConfigError, StaticEndpoints
+from proxy.istio import load_config
 
 logger = logging.getLogger("proxy.demo")
 

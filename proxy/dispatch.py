@@ -1,7 +1,7 @@
 """The request path's decision: route, hash, pick an endpoint; count and log the exchange.
 
 ``proxy.http1`` calls ``Dispatcher.dispatch`` once per request head and ``finished`` once per
-exchange. ``dispatch`` reads ``proxy.runtime`` once (a reload swaps that one reference, so a
+exchange. ``dispatch`` reads ``RuntimeRef.current`` once (a reload swaps that one reference, so a
 request never sees half of two configs), routes on Host, method and target, computes the
 session hash from the route's affinity (cookie, header, query or source IP; a missing cookie is
 invented and returned as a Set-Cookie line), picks the endpoint on the cluster's current ring or
@@ -11,7 +11,8 @@ the route itself for requests whose route depends only on Host, method and targe
 once and remembered, so the common request costs a few dict lookups and one hash.
 
 This module is compiled with mypyc (setup.py), like the rest of the request path; the control
-plane that builds what it reads (``proxy.server``) stays interpreted.
+plane that builds what it reads (``proxy.server``) stays interpreted; what it reads is defined
+in ``proxy.runtime`` (compiled too), below both.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from proxy.accesslog import AccessLog
     from proxy.metrics import ClusterStats, Metrics
     from proxy.routing import Router
-    from proxy.server import ClusterRuntime, Proxy, Runtime
+    from proxy.runtime import ClusterRuntime, Runtime, RuntimeRef
 
 # Envoy's local replies (DESIGN §7); bodies are Envoy's text so Istio users recognise them.
 NO_ROUTE: Final = LocalReply(404)
@@ -42,8 +43,9 @@ NO_CLUSTER: Final = LocalReply(503, b"no healthy upstream")
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 
 
-def _query_params(target: str) -> dict[str, str]:
-    """First occurrence of each query parameter, raw (Istio's queryParams match)."""
+def query_params(target: str) -> dict[str, str]:
+    """First occurrence of each query parameter, raw: ``Router.match``'s ``query`` argument
+    (Istio's queryParams match). ``proxy.explain`` folds its probes with this one too."""
     found: dict[str, str] = {}
     start = target.find("?")
     if start >= 0:
@@ -53,7 +55,9 @@ def _query_params(target: str) -> dict[str, str]:
     return found
 
 
-def _headers_map(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+def fold_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Parsed (lower-case name, value) pairs as ``Router.match`` reads them: a repeated header's
+    values joined with ``,``, as Envoy does. ``proxy.explain`` folds its probes with this too."""
     result: dict[str, str] = {}
     for name, value in headers:
         key = name.decode("latin-1")
@@ -172,7 +176,7 @@ ROUTE_CACHE_SIZE: Final = 4096
 
 
 class Dispatcher:
-    """``proxy.http1.Dispatcher`` for one listener port: route, hash, pick; count and log.
+    """``proxy.exchange.Dispatcher`` for one listener port: route, hash, pick; count and log.
 
     Routing a request whose route depends only on Host, method and target (no header or query
     conditions, no weighted split) gives the same answer every time for the same runtime, so
@@ -188,15 +192,21 @@ class Dispatcher:
         "_metrics",
         "_router",
         "port",
-        "proxy",
+        "ref",
     )
 
-    def __init__(self, proxy: Proxy, port: int) -> None:
-        self.proxy = proxy
+    def __init__(
+        self,
+        ref: RuntimeRef,
+        port: int,
+        metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.ref = ref
         self.port = port
-        # Both are made with the Proxy and never replaced (a reload swaps only the runtime).
-        self._metrics: Metrics | None = proxy.metrics
-        self._access_log: AccessLog | None = proxy.access_log
+        # Both live as long as the proxy: a reload swaps only ``ref.current``.
+        self._metrics = metrics
+        self._access_log = access_log
         self._cache: dict[tuple[bytes | None, bytes, bytes], _Prepared] = {}
         # What the cache was filled from, and that runtime's router for this port.
         self._cached_for: Runtime | None = None
@@ -229,8 +239,8 @@ class Dispatcher:
                 self._remember(memo, runtime, ex, found)
                 return found
         target = ex.target.decode("latin-1")
-        headers = _headers_map(ex.headers) if router.needs_headers else _EMPTY
-        params = _query_params(target) if router.needs_query else _EMPTY
+        headers = fold_headers(ex.headers) if router.needs_headers else _EMPTY
+        params = query_params(target) if router.needs_query else _EMPTY
         authority = ex.authority.decode("latin-1") if ex.authority else ""
         decision = router.match(authority, target, ex.method.decode("latin-1"), headers, params)
         if decision is None:
@@ -267,7 +277,7 @@ class Dispatcher:
         return hash_, set_cookie
 
     def dispatch(self, ex: Exchange) -> Forward | LocalReply:
-        runtime = self.proxy.runtime
+        runtime = self.ref.current
         memo = ex.memo
         if not isinstance(memo, _Memo):
             memo = _Memo()

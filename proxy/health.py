@@ -33,9 +33,10 @@ off the success-rate detector, so only the consecutive-error ones remain):
 
 **Active checks** (optional; Istio's gateway has none) come from the annotation
 ``sticky-proxy/health-check: "path=/healthz interval=5s timeout=1s unhealthy=2 healthy=1"`` on the
-DestinationRule or ServiceEntry (:func:`parse_health_check`). Every ``interval`` each endpoint
-gets ``GET path`` (aiohttp, Host = the service host); a status in ``expect`` (default 200) within
-``timeout`` passes. ``unhealthy`` failures in a row take the endpoint out, ``healthy`` passes in
+DestinationRule or ServiceEntry, read at load into ``ClusterSpec.health_check``
+(``proxy.istio_reader.parse_health_check``). Every ``interval`` each endpoint gets ``GET path``
+(aiohttp, Host = the service host); a status in ``expect`` (default 200) within ``timeout``
+passes. ``unhealthy`` failures in a row take the endpoint out, ``healthy`` passes in
 a row bring it back. As in Envoy (``successful_active_health_check_uneject_host``), a passing
 check also ends an outlier ejection. Endpoints start healthy; the first round runs at once.
 """
@@ -47,101 +48,20 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
 
 from proxy.cluster import Cluster
-from proxy.config import (
-    DURATION_HINT,
-    ClusterSpec,
-    Endpoint,
-    OutlierDetection,
-    parse_duration,
-)
+from proxy.config import ClusterSpec, Endpoint, HealthCheckSpec, OutlierDetection
 from proxy.upstream import UpstreamPool
 
-__all__ = ["ClusterHealth", "HealthCheckSpec", "HostHealth", "parse_health_check"]
+__all__ = ["ClusterHealth", "HostHealth"]
 
 log = logging.getLogger("proxy.health")
 
 MAX_EJECTION_TIME: Final = 300.0  # Envoy's default max_ejection_time (or base, if larger)
 _GATEWAY_ERRORS: Final = frozenset({502, 503, 504})
-
-
-# --------------------------------------------------------------------------- active checks
-@dataclass(frozen=True, slots=True)
-class HealthCheckSpec:
-    """An active HTTP check, from the ``sticky-proxy/health-check`` annotation.
-
-    parse_health_check("path=/healthz interval=5s timeout=1s unhealthy=2 healthy=1")
-    """
-
-    path: str = "/healthz"
-    interval: float = 5.0
-    timeout: float = 1.0
-    unhealthy: int = 2
-    healthy: int = 1
-    expect: tuple[int, int] = (200, 200)  # inclusive status range that passes
-    host: str | None = None  # Host header; None: the cluster's service host
-
-    def __post_init__(self) -> None:
-        if not self.path.startswith("/"):
-            raise ValueError(f"path must start with '/': {self.path!r}")
-        if self.interval <= 0 or self.timeout <= 0:
-            raise ValueError("interval and timeout must be > 0")
-        if self.unhealthy < 1 or self.healthy < 1:
-            raise ValueError("unhealthy and healthy must be >= 1")
-        low, high = self.expect
-        if not 100 <= low <= high <= 599:
-            raise ValueError(f"expect must be a status range within 100-599: {low}-{high}")
-
-
-_KEYS: Final = ("path", "interval", "timeout", "unhealthy", "healthy", "expect", "host")
-
-
-def _duration(key: str, text: str) -> float:
-    try:
-        seconds = parse_duration(text) / 1e9
-    except ValueError as exc:
-        raise ValueError(f"{key}: {exc} ({DURATION_HINT})") from None
-    if seconds <= 0:
-        raise ValueError(f"{key}: must be > 0")
-    return seconds
-
-
-def _count(key: str, text: str) -> int:
-    if not text.isdigit():
-        raise ValueError(f"{key}: {text!r} is not a whole number")
-    return int(text)
-
-
-def parse_health_check(text: str) -> HealthCheckSpec:
-    """``key=value`` pairs separated by spaces; raises ValueError naming the bad part.
-
-    Keys: path, interval, timeout (Istio durations: 500ms, 5s, 1m), unhealthy, healthy (counts),
-    expect (200 or 200-399), host (the Host header to send).
-    """
-    values: dict[str, object] = {}
-    for part in text.split():
-        key, sep, value = part.partition("=")
-        if not sep or not value:
-            raise ValueError(f"{part!r}: expected key=value")
-        if key not in _KEYS:
-            raise ValueError(f"{key!r}: unknown key (known: {', '.join(_KEYS)})")
-        if key in values:
-            raise ValueError(f"{key!r} given twice")
-        if key in ("interval", "timeout"):
-            values[key] = _duration(key, value)
-        elif key in ("unhealthy", "healthy"):
-            values[key] = _count(key, value)
-        elif key == "expect":
-            low, _, high = value.partition("-")
-            values[key] = (_count(key, low), _count(key, high or low))
-        else:
-            values[key] = value
-    return HealthCheckSpec(**values)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- per endpoint
@@ -222,7 +142,7 @@ class ClusterHealth:
         self.spec = spec
         self.cluster = cluster
         self.outlier: OutlierDetection | None = spec.outlier
-        self.check = parse_health_check(spec.health_check) if spec.health_check else None
+        self.check: HealthCheckSpec | None = spec.health_check
         self.hosts: dict[str, HostHealth] = {}
         self._clock = clock
         o = self.outlier

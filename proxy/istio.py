@@ -9,12 +9,13 @@ istio/istio (pilot's ``route.go``, ``gateway.go``, ``cluster_traffic_policy.go``
 ``destination_rule.go`` and ``pkg/config/validation``), not guessed; each module states the ones
 it implements.
 
-Loading is two passes.  This module, the entry point, reads files and documents, checks each
-document's ``apiVersion``, ``kind`` and ``metadata`` and hands its ``spec`` to the parser of its
-kind, which checks that resource on its own.  Then the cross-resource pass resolves references,
-merges DestinationRules and builds listeners and clusters, and the result is assembled into a
-``Config``:
+Loading is two passes.  This module, the entry point (``load_config``, ``load_text``), reads
+files and documents, checks each document's ``apiVersion``, ``kind`` and ``metadata`` and hands
+its ``spec`` to the parser of its kind, which checks that resource on its own.  Then the
+cross-resource pass resolves references, merges DestinationRules and builds listeners and
+clusters, and the result is assembled into a ``Config``:
 
+* ``proxy.istio_reader``  - the strict YAML reader, durations, DNS names, the health-check text
 * ``proxy.istio_names``   - host names, gateway references, metadata, shared constants
 * ``proxy.istio_gateway`` - Gateway servers
 * ``proxy.istio_vs``      - VirtualService: routes, destinations, redirects, rewrites, headers,
@@ -41,29 +42,28 @@ from types import MappingProxyType
 
 import yaml
 
-from proxy.config import (
-    Config,
-    ConfigError,
-    Issues,
-    Reader,
-    did_you_mean,
-    is_dns1123_label,
-    type_name,
-)
-from proxy.health import parse_health_check
-from proxy.istio_compile import _Compiler, _Parsed
-from proxy.istio_dr import _destination_rule, _service_entry
-from proxy.istio_gateway import _gateway
+from proxy.config import Config, ConfigError, HealthCheckSpec
+from proxy.istio_compile import Compiler, Parsed
+from proxy.istio_dr import read_destination_rule, read_service_entry
+from proxy.istio_gateway import read_gateway
 from proxy.istio_names import (
     CLUSTER_DOMAIN,
     HEALTH_CHECK_ANNOTATION,
     MESH_GATEWAY,
     NOT_SUPPORTED,
-    _Meta,
+    Meta,
     resolve_gateway_name,
     resolve_short_name,
 )
-from proxy.istio_vs import _virtual_service
+from proxy.istio_reader import (
+    Issues,
+    Reader,
+    did_you_mean,
+    is_dns1123_label,
+    parse_health_check,
+    type_name,
+)
+from proxy.istio_vs import read_virtual_service
 
 __all__ = [
     "API_GROUP",
@@ -75,7 +75,7 @@ __all__ = [
     "MESH_GATEWAY",
     "NOT_SUPPORTED",
     "compile_resources",
-    "load_paths",
+    "load_config",
     "load_text",
     "resolve_gateway_name",
     "resolve_short_name",
@@ -167,7 +167,7 @@ def _parse_text(text: str, name: str, issues: Issues) -> list[tuple[str, object]
 # --------------------------------------------------------------------------- documents
 
 
-def _read_document(issues: Issues, where: str, data: object, out: _Parsed) -> None:
+def _read_document(issues: Issues, where: str, data: object, out: Parsed) -> None:
     if data is None:
         return
     bare = Reader(issues, where, "")
@@ -220,24 +220,24 @@ def _read_document(issues: Issues, where: str, data: object, out: _Parsed) -> No
         return
     out.seen[(kind, meta.key)] = where
     if kind == "Gateway":
-        gateway = _gateway(r, meta, spec)
+        gateway = read_gateway(r, meta, spec)
         if gateway is not None:
             out.gateways.append((gateway, r))
     elif kind == "VirtualService":
-        vs = _virtual_service(r, meta, spec)
+        vs = read_virtual_service(r, meta, spec)
         if vs is not None:
             out.virtual_services.append(vs)
     elif kind == "DestinationRule":
-        dr = _destination_rule(r, meta, spec)
+        dr = read_destination_rule(r, meta, spec)
         if dr is not None:
             out.destination_rules.append(dr)
     else:
-        se = _service_entry(r, meta, spec)
+        se = read_service_entry(r, meta, spec)
         if se is not None:
             out.service_entries.append(se)
 
 
-def _metadata(r: Reader, kind: str, metadata: object) -> _Meta | None:
+def _metadata(r: Reader, kind: str, metadata: object) -> Meta | None:
     if metadata is None:
         r.error("metadata", "required")
         return None
@@ -249,25 +249,35 @@ def _metadata(r: Reader, kind: str, metadata: object) -> _Meta | None:
     if not is_dns1123_label(namespace):
         r.error("metadata.namespace", f"invalid namespace {namespace!r}")
     annotations = r.string_map(metadata, "annotations", "metadata") or {}
-    check = annotations.get(HEALTH_CHECK_ANNOTATION)
-    if check is not None:
-        try:
-            parse_health_check(check)
-        except ValueError as exc:
-            r.error(f"metadata.annotations.{HEALTH_CHECK_ANNOTATION}", str(exc))
+    check = _health_check(r, annotations.get(HEALTH_CHECK_ANNOTATION))
     r.string_map(metadata, "labels", "metadata")
     if name is None:
         return None
-    return _Meta(kind, name, namespace, MappingProxyType(annotations), r.where)
+    return Meta(kind, name, namespace, MappingProxyType(annotations), r.where, check)
+
+
+def _health_check(r: Reader, text: str | None) -> HealthCheckSpec | None:
+    """The ``sticky-proxy/health-check`` annotation, parsed once (None: absent or invalid)."""
+    if text is None:
+        return None
+    try:
+        return parse_health_check(text)
+    except ValueError as exc:
+        r.error(f"metadata.annotations.{HEALTH_CHECK_ANNOTATION}", str(exc))
+        return None
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_paths(paths: Sequence[str]) -> Config:
-    """Read files and folders and compile them; raises ConfigError with every error found."""
+def load_config(paths: Sequence[str]) -> Config:
+    """Load Istio YAML files or folders (multi-document) into a ``Config``.
+
+    Raises ``ConfigError`` listing every error of every file.  Warnings are returned in
+    ``Config.warnings``, not logged: the caller decides where they go.
+    """
     issues = Issues()
-    parsed = _Parsed()
+    parsed = Parsed()
     files = _files(paths, issues)
     order: list[str] = []
     for path in files:
@@ -280,7 +290,7 @@ def load_paths(paths: Sequence[str]) -> Config:
 def load_text(text: str, name: str = "<text>") -> Config:
     """Compile Istio YAML given as a string; ``name`` stands for the file in messages."""
     issues = Issues()
-    parsed = _Parsed()
+    parsed = Parsed()
     order: list[str] = []
     for where, data in _parse_text(text, name, issues):
         order.append(where)
@@ -304,10 +314,10 @@ def _grouped(lines: Iterable[str], order: Sequence[str]) -> list[str]:
 
 
 def compile_resources(
-    parsed: _Parsed, issues: Issues, sources: Sequence[str], order: Sequence[str] = ()
+    parsed: Parsed, issues: Issues, sources: Sequence[str], order: Sequence[str] = ()
 ) -> Config:
     """Cross-resource compilation; ``order`` lists the documents as read, for the messages."""
-    compiler = _Compiler(parsed, issues)
+    compiler = Compiler(parsed, issues)
     virtual_services = compiler.virtual_services()
     listeners = compiler.listeners()
     compiler.build_clusters(listeners, virtual_services)

@@ -31,49 +31,46 @@ from proxy.config import (
     Endpoint,
     GatewaySpec,
     HttpRoute,
-    Issues,
     ListenerSpec,
-    Reader,
     RouteDestination,
     StaticEndpoints,
     VirtualServiceSpec,
     cluster_name,
     destination_port,
-    did_you_mean,
     host_subset_of,
-    join_path,
     labels_match,
 )
 from proxy.istio_dr import (
-    _DestinationRule,
-    _effective_policy,
-    _hash_for_destination,
-    _merge_rules,
-    _rule_for,
-    _ServiceEntry,
+    ParsedDestinationRule,
+    ParsedServiceEntry,
+    effective_policy,
+    hash_for_destination,
+    merge_rules,
+    rule_for,
 )
-from proxy.istio_names import HEALTH_CHECK_ANNOTATION, MESH_GATEWAY
-from proxy.istio_vs import _RawDestination, _RawRoute, _VirtualService
+from proxy.istio_names import MESH_GATEWAY
+from proxy.istio_reader import Issues, Reader, did_you_mean, join_path
+from proxy.istio_vs import ParsedVirtualService, RawDestination, RawRoute
 
 
 @dataclass(slots=True)
-class _Parsed:
+class Parsed:
     gateways: list[tuple[GatewaySpec, Reader]] = field(default_factory=list)
-    virtual_services: list[_VirtualService] = field(default_factory=list)
-    destination_rules: list[_DestinationRule] = field(default_factory=list)
-    service_entries: list[_ServiceEntry] = field(default_factory=list)
+    virtual_services: list[ParsedVirtualService] = field(default_factory=list)
+    destination_rules: list[ParsedDestinationRule] = field(default_factory=list)
+    service_entries: list[ParsedServiceEntry] = field(default_factory=list)
     seen: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
-class _Compiler:
+class Compiler:
     """Cross-resource work: references, DestinationRule merging, clusters, listeners."""
 
-    def __init__(self, parsed: _Parsed, issues: Issues) -> None:
+    def __init__(self, parsed: Parsed, issues: Issues) -> None:
         self.parsed = parsed
         self.issues = issues
         self.gateways = {gw.key: gw for gw, _ in parsed.gateways}
-        self.rules = _merge_rules(parsed.destination_rules)
-        self.entries: dict[str, _ServiceEntry] = {}
+        self.rules = merge_rules(parsed.destination_rules)
+        self.entries: dict[str, ParsedServiceEntry] = {}
         for se in parsed.service_entries:
             for host in se.hosts:
                 other = self.entries.get(host)
@@ -127,14 +124,14 @@ class _Compiler:
             return
         r.error(path, f"Gateway {ref} not found{did_you_mean(ref, self.gateways)}")
 
-    def _route(self, vs: _VirtualService, raw: _RawRoute) -> HttpRoute:
+    def _route(self, vs: ParsedVirtualService, raw: RawRoute) -> HttpRoute:
         destinations: list[RouteDestination] = []
         for d in raw.destinations:
             self._check_subset(vs.reader, d)
-            rule = _rule_for(d.destination.host, self.rules)
+            rule = rule_for(d.destination.host, self.rules)
             destinations.append(
                 RouteDestination(
-                    d.destination, d.weight, d.headers, _hash_for_destination(d.destination, rule)
+                    d.destination, d.weight, d.headers, hash_for_destination(d.destination, rule)
                 )
             )
         retries = raw.route.retries
@@ -148,11 +145,11 @@ class _Compiler:
             retries = replace(retries, retry_previous_hosts=previous_hosts)
         return replace(raw.route, route=tuple(destinations), retries=retries)
 
-    def _check_subset(self, r: Reader, d: _RawDestination) -> None:
+    def _check_subset(self, r: Reader, d: RawDestination) -> None:
         subset = d.destination.subset
         if subset is None:
             return
-        rule = _rule_for(d.destination.host, self.rules)
+        rule = rule_for(d.destination.host, self.rules)
         path = join_path(join_path(d.path, "destination"), "subset")
         if rule is None:
             r.error(
@@ -249,7 +246,7 @@ class _Compiler:
         return False
 
     @staticmethod
-    def _vs_matches_gateway(vs: _VirtualService, hosts: set[str], gw: GatewaySpec) -> bool:
+    def _vs_matches_gateway(vs: ParsedVirtualService, hosts: set[str], gw: GatewaySpec) -> bool:
         for server in gw.servers:
             for sh in server.hosts:
                 if sh.namespace in ("*", vs.meta.namespace) and any(
@@ -291,17 +288,15 @@ class _Compiler:
         name = cluster_name(host, port, subset)
         if name in self.clusters:
             return
-        rule = _rule_for(host, self.rules)
+        rule = rule_for(host, self.rules)
         if subset is not None and (rule is None or subset not in rule.subsets):
             return  # reported by _check_subset
-        policy = _effective_policy(rule, subset, port)
+        policy = effective_policy(rule, subset, port)
         se = self.entries.get(host)
         selector = rule.subsets[subset].labels if rule and subset else ()
         endpoints, source = self._endpoints(host, port, selector, subset)
         outlier = policy.outlier if policy else None
-        health = (rule.health_check if rule else None) or (
-            se.meta.annotations.get(HEALTH_CHECK_ANNOTATION) if se else None
-        )
+        health = (rule.health_check if rule else None) or (se.meta.health_check if se else None)
         self.clusters[name] = ClusterSpec(
             name=name,
             host=host,
@@ -322,7 +317,7 @@ class _Compiler:
         se = self.entries.get(host)
         if se is None:
             if selector:
-                rule = _rule_for(host, self.rules)
+                rule = rule_for(host, self.rules)
                 if rule is not None:
                     rule.reader.warn(
                         "spec.subsets",

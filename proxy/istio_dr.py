@@ -31,40 +31,43 @@ from proxy.affinity import HashPolicy
 from proxy.config import (
     UINT32_MAX,
     Destination,
+    HealthCheckSpec,
+    host_subset_of,
+    is_ip,
+    labels_of,
+)
+from proxy.istio_names import NOT_SUPPORTED, Meta, resolve_short_name
+from proxy.istio_policy import TrafficPolicy, read_traffic_policy
+from proxy.istio_reader import (
     Reader,
     did_you_mean,
     fqdn_problem,
-    host_subset_of,
     is_dns1123_label,
-    is_ip,
     join_path,
-    labels_of,
     type_name,
     wildcard_domain_problem,
 )
-from proxy.istio_names import HEALTH_CHECK_ANNOTATION, NOT_SUPPORTED, _Meta, resolve_short_name
-from proxy.istio_policy import _Policy, _traffic_policy
 
 # --------------------------------------------------------------------------- DestinationRule
 
 
 @dataclass(frozen=True, slots=True)
-class _Subset:
+class Subset:
     name: str
     labels: tuple[tuple[str, str], ...]
-    policy: _Policy | None
+    policy: TrafficPolicy | None
 
 
 @dataclass(slots=True)
-class _DestinationRule:
-    meta: _Meta
+class ParsedDestinationRule:
+    meta: Meta
     reader: Reader
     host: str
-    policy: _Policy | None
-    subsets: list[_Subset]
+    policy: TrafficPolicy | None
+    subsets: list[Subset]
 
 
-def _destination_rule(r: Reader, meta: _Meta, spec: object) -> _DestinationRule | None:
+def read_destination_rule(r: Reader, meta: Meta, spec: object) -> ParsedDestinationRule | None:
     s = r.mapping(
         spec,
         "spec",
@@ -79,8 +82,8 @@ def _destination_rule(r: Reader, meta: _Meta, spec: object) -> _DestinationRule 
         if problem is not None:
             r.error("spec.host", problem)
             host = None
-    policy = _traffic_policy(r, s.get("trafficPolicy"), "spec.trafficPolicy", port_level=True)
-    subsets: list[_Subset] = []
+    policy = read_traffic_policy(r, s.get("trafficPolicy"), "spec.trafficPolicy", port_level=True)
+    subsets: list[Subset] = []
     names: set[str] = set()
     for path, raw in r.items(s, "subsets", "spec"):
         sm = r.mapping(raw, path, ("name", "labels", "trafficPolicy"))
@@ -90,7 +93,7 @@ def _destination_rule(r: Reader, meta: _Meta, spec: object) -> _DestinationRule 
             continue
         name = r.string(sm, "name", path, required=True)
         labels = r.string_map(sm, "labels", path) or {}
-        sub_policy = _traffic_policy(
+        sub_policy = read_traffic_policy(
             r, sm.get("trafficPolicy"), join_path(path, "trafficPolicy"), port_level=True
         )
         if name is None:
@@ -100,31 +103,31 @@ def _destination_rule(r: Reader, meta: _Meta, spec: object) -> _DestinationRule 
         if name in names:
             r.error(join_path(path, "name"), f"duplicate subset names: {name}")
         names.add(name)
-        subsets.append(_Subset(name, labels_of(labels), sub_policy))
+        subsets.append(Subset(name, labels_of(labels), sub_policy))
     if host is None:
         return None
-    return _DestinationRule(meta, r, resolve_short_name(host, meta.namespace), policy, subsets)
+    return ParsedDestinationRule(meta, r, resolve_short_name(host, meta.namespace), policy, subsets)
 
 
 @dataclass(slots=True)
-class _MergedRule:
+class MergedRule:
     """The DestinationRules of one host merged as Istio does."""
 
     host: str
     names: list[str]
-    policy: _Policy | None
-    subsets: dict[str, _Subset]
-    health_check: str | None
+    policy: TrafficPolicy | None
+    subsets: dict[str, Subset]
+    health_check: HealthCheckSpec | None
     reader: Reader
 
 
-def _merge_rules(rules: Iterable[_DestinationRule]) -> dict[str, _MergedRule]:
-    merged: dict[str, _MergedRule] = {}
+def merge_rules(rules: Iterable[ParsedDestinationRule]) -> dict[str, MergedRule]:
+    merged: dict[str, MergedRule] = {}
     for dr in rules:
-        check = dr.meta.annotations.get(HEALTH_CHECK_ANNOTATION)
+        check = dr.meta.health_check
         existing = merged.get(dr.host)
         if existing is None:
-            merged[dr.host] = _MergedRule(
+            merged[dr.host] = MergedRule(
                 dr.host, [dr.meta.key], dr.policy, {s.name: s for s in dr.subsets}, check, dr.reader
             )
             continue
@@ -151,12 +154,12 @@ def _merge_rules(rules: Iterable[_DestinationRule]) -> dict[str, _MergedRule]:
     return merged
 
 
-def _rule_for(host: str, rules: Mapping[str, _MergedRule]) -> _MergedRule | None:
+def rule_for(host: str, rules: Mapping[str, MergedRule]) -> MergedRule | None:
     """Exact host first, then the most specific wildcard host that covers it."""
     exact = rules.get(host)
     if exact is not None:
         return exact
-    best: _MergedRule | None = None
+    best: MergedRule | None = None
     for pattern, rule in rules.items():
         covers = pattern.startswith("*") and host_subset_of(host, pattern)
         if covers and (best is None or len(pattern) > len(best.host)):
@@ -164,7 +167,7 @@ def _rule_for(host: str, rules: Mapping[str, _MergedRule]) -> _MergedRule | None
     return best
 
 
-def _hash_of(policy: _Policy | None, port: int | None) -> HashPolicy | None:
+def _hash_of(policy: TrafficPolicy | None, port: int | None) -> HashPolicy | None:
     """``consistentHash`` of one level (its port-level entry when ``port`` is given)."""
     if policy is None:
         return None
@@ -178,7 +181,7 @@ def _hash_of(policy: _Policy | None, port: int | None) -> HashPolicy | None:
     return lb.consistent_hash.policy if lb and lb.consistent_hash else None
 
 
-def _hash_for_destination(dest: Destination, rule: _MergedRule | None) -> tuple[HashPolicy, ...]:
+def hash_for_destination(dest: Destination, rule: MergedRule | None) -> tuple[HashPolicy, ...]:
     """Istio's ``hashForHTTPDestination``: subset port-level > subset > port-level > top."""
     if rule is None:
         return ()
@@ -196,7 +199,9 @@ def _hash_for_destination(dest: Destination, rule: _MergedRule | None) -> tuple[
     return (chosen,) if chosen is not None else ()
 
 
-def _effective_policy(rule: _MergedRule | None, subset: str | None, port: int) -> _Policy | None:
+def effective_policy(
+    rule: MergedRule | None, subset: str | None, port: int
+) -> TrafficPolicy | None:
     """Istio's ``MergeSubsetTrafficPolicy`` for one cluster."""
     if rule is None:
         return None
@@ -207,7 +212,7 @@ def _effective_policy(rule: _MergedRule | None, subset: str | None, port: int) -
     sub_policy, has_port_level = sub.policy.for_port(port)
     if original is None:
         return sub_policy
-    return _Policy(
+    return TrafficPolicy(
         lb=sub_policy.lb if sub_policy.lb is not None or has_port_level else original.lb,
         pool=sub_policy.pool if sub_policy.pool is not None or has_port_level else original.pool,
         outlier=(
@@ -224,7 +229,7 @@ _RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN")
 
 
 @dataclass(frozen=True, slots=True)
-class _ServicePort:
+class ServicePort:
     number: int
     name: str
     protocol: str
@@ -232,7 +237,7 @@ class _ServicePort:
 
 
 @dataclass(frozen=True, slots=True)
-class _WorkloadEntry:
+class WorkloadEntry:
     address: str
     ports: Mapping[str, int]
     labels: tuple[tuple[str, str], ...]
@@ -240,16 +245,16 @@ class _WorkloadEntry:
 
 
 @dataclass(slots=True)
-class _ServiceEntry:
-    meta: _Meta
+class ParsedServiceEntry:
+    meta: Meta
     reader: Reader
     hosts: list[str]
-    ports: list[_ServicePort]
+    ports: list[ServicePort]
     resolution: str
-    endpoints: list[_WorkloadEntry]
+    endpoints: list[WorkloadEntry]
 
 
-def _service_entry(r: Reader, meta: _Meta, spec: object) -> _ServiceEntry | None:
+def read_service_entry(r: Reader, meta: Meta, spec: object) -> ParsedServiceEntry | None:
     s = r.mapping(
         spec,
         "spec",
@@ -284,7 +289,7 @@ def _service_entry(r: Reader, meta: _Meta, spec: object) -> _ServiceEntry | None
         hosts.append(host)
     r.string_list(s, "addresses", "spec")
     r.enum(s, "location", "spec", ("MESH_EXTERNAL", "MESH_INTERNAL"))
-    ports: list[_ServicePort] = []
+    ports: list[ServicePort] = []
     for path, raw in r.items(s, "ports", "spec", required=True):
         pm = r.mapping(raw, path, ("number", "protocol", "name", "targetPort"))
         if pm is None:
@@ -299,7 +304,7 @@ def _service_entry(r: Reader, meta: _Meta, spec: object) -> _ServiceEntry | None
             r.error(join_path(path, "name"), f"service entry port name {name!r} already defined")
         if any(p.number == number for p in ports):
             r.error(join_path(path, "number"), f"service entry port {number} already defined")
-        ports.append(_ServicePort(number, name, protocol, target))
+        ports.append(ServicePort(number, name, protocol, target))
     resolution = r.enum(s, "resolution", "spec", _RESOLUTIONS) or "NONE"
     if s.get("resolution") is None:
         r.error(
@@ -309,7 +314,7 @@ def _service_entry(r: Reader, meta: _Meta, spec: object) -> _ServiceEntry | None
         )
     elif resolution in ("NONE", "DNS_ROUND_ROBIN"):
         r.error("spec.resolution", f"{resolution} is {NOT_SUPPORTED}; use STATIC or DNS")
-    endpoints: list[_WorkloadEntry] = []
+    endpoints: list[WorkloadEntry] = []
     port_names = {p.name for p in ports}
     for path, raw in r.items(s, "endpoints", "spec"):
         ep = _workload_entry(r, path, raw, resolution, port_names)
@@ -323,12 +328,12 @@ def _service_entry(r: Reader, meta: _Meta, spec: object) -> _ServiceEntry | None
                 )
     if resolution == "STATIC" and not s.get("endpoints"):
         r.warn("spec.endpoints", "STATIC resolution without endpoints: the service has no backends")
-    return _ServiceEntry(meta, r, hosts, ports, resolution, endpoints)
+    return ParsedServiceEntry(meta, r, hosts, ports, resolution, endpoints)
 
 
 def _workload_entry(
     r: Reader, path: str, raw: object, resolution: str, port_names: set[str]
-) -> _WorkloadEntry | None:
+) -> WorkloadEntry | None:
     m = r.mapping(
         raw, path, ("address", "ports", "labels", "weight", "network", "locality", "serviceAccount")
     )
@@ -376,4 +381,4 @@ def _workload_entry(
         )
         return None
     # Envoy's load balancing weight must be >= 1; Istio turns 0 (unset) into 1.
-    return _WorkloadEntry(address, MappingProxyType(ports), labels_of(labels), weight or 1)
+    return WorkloadEntry(address, MappingProxyType(ports), labels_of(labels), weight or 1)

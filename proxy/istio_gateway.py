@@ -14,30 +14,26 @@ themselves are built in ``proxy.istio_compile`` once every Gateway has been read
 
 from __future__ import annotations
 
-from proxy.config import (
-    GatewayServer,
-    GatewaySpec,
+from proxy.config import GatewayServer, GatewaySpec, ServerHost, is_ip, labels_of
+from proxy.istio_names import NOT_SUPPORTED, Meta, words
+from proxy.istio_reader import (
     Reader,
-    ServerHost,
     did_you_mean,
     is_dns1123_label,
-    is_ip,
     join_path,
-    labels_of,
     wildcard_domain_problem,
 )
-from proxy.istio_names import NOT_SUPPORTED, _Meta, _words
 
-_PROTOCOLS = _words("HTTP HTTPS GRPC GRPC-WEB HTTP2 MONGO REDIS MYSQL TCP TLS UDP")
+_PROTOCOLS = words("HTTP HTTPS GRPC GRPC-WEB HTTP2 MONGO REDIS MYSQL TCP TLS UDP")
 _HTTP_LIKE = ("HTTP2", "GRPC", "GRPC-WEB")
-_SERVER_TLS_FIELDS = _words(
+_SERVER_TLS_FIELDS = words(
     "httpsRedirect mode serverCertificate privateKey caCertificates caCrl credentialName "
     "credentialNames tlsCertificates subjectAltNames verifyCertificateSpki "
     "verifyCertificateHash minProtocolVersion maxProtocolVersion cipherSuites"
 )
 
 
-def _gateway(r: Reader, meta: _Meta, spec: object) -> GatewaySpec | None:
+def read_gateway(r: Reader, meta: Meta, spec: object) -> GatewaySpec | None:
     s = r.mapping(spec, "spec", ("servers", "selector"))
     if s is None:
         return None

@@ -19,17 +19,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from proxy.config import HttpMatch, Reader, StringMatch, join_path, labels_of, type_name
+from proxy.config import HttpMatch, StringMatch, labels_of
 from proxy.istio_names import (
     NOT_SUPPORTED,
-    _check_gateway_name,
-    _Meta,
-    _words,
+    Meta,
+    check_gateway_name,
     resolve_gateway_name,
+    words,
 )
+from proxy.istio_reader import Reader, join_path, type_name
 from proxy.regex import compile_regex
 
-_MATCH_FIELDS = _words(
+_MATCH_FIELDS = words(
     "name uri scheme method authority headers port sourceLabels gateways queryParams "
     "ignoreUriCase withoutHeaders sourceNamespace"
 )
@@ -60,7 +61,7 @@ def _string_match(r: Reader, path: str, raw: object, *, presence: bool) -> Strin
     if kind == "regex":
         if presence and value == "*":
             return StringMatch("present")
-        if not _regex_ok(r, here, value):
+        if not regex_ok(r, here, value):
             return None
         return StringMatch("regex", value)
     if kind == "prefix" and value == "":
@@ -69,7 +70,7 @@ def _string_match(r: Reader, path: str, raw: object, *, presence: bool) -> Strin
     return StringMatch("exact" if kind == "exact" else "prefix", value)
 
 
-def _regex_ok(r: Reader, path: str, pattern: str) -> bool:
+def regex_ok(r: Reader, path: str, pattern: str) -> bool:
     if pattern == "":
         r.error(path, "regex string match should not be empty")
         return False
@@ -95,7 +96,7 @@ def _regex_ok(r: Reader, path: str, pattern: str) -> bool:
     return True
 
 
-def _match(r: Reader, meta: _Meta, path: str, raw: object) -> HttpMatch | None:
+def read_match(r: Reader, meta: Meta, path: str, raw: object) -> HttpMatch | None:
     m = r.mapping(raw, path, _MATCH_FIELDS, {"statPrefix": "statistics prefixes are not used"})
     if m is None:
         return HttpMatch() if raw is None else None
@@ -122,7 +123,7 @@ def _match(r: Reader, meta: _Meta, path: str, raw: object) -> HttpMatch | None:
         resolve_gateway_name(g, meta.namespace) for _, g in r.string_list(m, "gateways", path)
     )
     for gpath, g in r.string_list(m, "gateways", path):
-        _check_gateway_name(r, gpath, g)
+        check_gateway_name(r, gpath, g)
     source_labels = r.string_map(m, "sourceLabels", path) or {}
     source_namespace = r.string(m, "sourceNamespace", path) or ""
     if (source_labels or source_namespace) and not gateways:

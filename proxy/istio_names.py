@@ -8,17 +8,19 @@ Theory
   Gateway references: ``name`` -> ``<vs namespace>/name``, ``ns/name``, ``./name``, and the
   legacy ``name.ns.svc.cluster.local``.
 
-Every resource parser gets the document's metadata as a ``_Meta`` - kind, name, namespace,
-annotations and where it was read - and shares the constants below.  The YAML-path, type and error
-helpers (``Reader``, ``Issues``, ``join_path``, durations, ports) are ``proxy.config``'s; this
-module imports no other ``proxy.istio*`` module, so the parsers can all stand on it."""
+Every resource parser gets the document's metadata as a ``Meta`` - kind, name, namespace,
+annotations (the health-check one already parsed) and where it was read - and shares the
+constants below.  The YAML-path, type and error helpers (``Reader``, ``Issues``, ``join_path``,
+durations, ports) are ``proxy.istio_reader``'s; this module imports no other ``proxy.istio*``
+module but that one, so the parsers can all stand on it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.config import Reader, fqdn_problem, is_dns1123_label, is_ip
+from proxy.config import HealthCheckSpec, is_ip
+from proxy.istio_reader import Reader, fqdn_problem, is_dns1123_label
 
 CLUSTER_DOMAIN = "cluster.local"
 HEALTH_CHECK_ANNOTATION = "sticky-proxy/health-check"
@@ -48,7 +50,7 @@ def resolve_gateway_name(name: str, namespace: str) -> str:
     return f"{rest.split('.', 1)[0]}/{gw}"
 
 
-def _check_gateway_name(r: Reader, path: str, name: str) -> None:
+def check_gateway_name(r: Reader, path: str, name: str) -> None:
     if name == MESH_GATEWAY:
         return
     ns, slash, gw = name.partition("/")
@@ -64,18 +66,19 @@ def _check_gateway_name(r: Reader, path: str, name: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class _Meta:
+class Meta:
     kind: str
     name: str
     namespace: str
     annotations: Mapping[str, str]
     where: str
+    health_check: HealthCheckSpec | None = None  # the sticky-proxy/health-check annotation
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
 
-def _words(text: str) -> tuple[str, ...]:
+def words(text: str) -> tuple[str, ...]:
     """Field and value lists, written as text to keep the tables short."""
     return tuple(text.split())

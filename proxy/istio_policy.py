@@ -1,9 +1,9 @@
-"""One level of a DestinationRule ``trafficPolicy`` -> ``_Policy``.
+"""One level of a DestinationRule ``trafficPolicy`` -> ``TrafficPolicy``.
 
 Theory
 ------
 A traffic policy appears at the top of a DestinationRule, in each subset, and in the
-``portLevelSettings`` of either; ``_Policy`` holds one level, with None for "not set here", so
+``portLevelSettings`` of either; ``TrafficPolicy`` holds one level, with None for "not set here", so
 that ``proxy.istio_dr`` can combine the levels as Istio does.  Within a level:
 
 * ``loadBalancer``: ``simple`` (unset and the deprecated ``LEAST_CONN`` mean LEAST_REQUEST,
@@ -35,14 +35,13 @@ from proxy.config import (
     ConsistentHashLB,
     LoadBalancerSettings,
     OutlierDetection,
-    Reader,
     TcpKeepalive,
-    join_path,
 )
-from proxy.istio_names import NOT_SUPPORTED, _words
+from proxy.istio_names import NOT_SUPPORTED, words
+from proxy.istio_reader import Reader, join_path
 
 _LB_SIMPLE = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
-_CLIENT_TLS_FIELDS = _words(
+_CLIENT_TLS_FIELDS = words(
     "mode clientCertificate privateKey caCertificates credentialName subjectAltNames sni "
     "insecureSkipVerify caCrl"
 )
@@ -54,22 +53,24 @@ _POLICY_IGNORED = {
 
 
 @dataclass(frozen=True, slots=True)
-class _Policy:
+class TrafficPolicy:
     """One level of a DestinationRule traffic policy; a None field is "not set here"."""
 
     lb: LoadBalancerSettings | None = None
     pool: ConnectionPoolSettings | None = None
     outlier: OutlierDetection | None = None
-    port_level: tuple[tuple[int, _Policy], ...] = ()
+    port_level: tuple[tuple[int, TrafficPolicy], ...] = ()
 
-    def for_port(self, port: int) -> tuple[_Policy, bool]:
+    def for_port(self, port: int) -> tuple[TrafficPolicy, bool]:
         for number, policy in self.port_level:
             if number == port:
                 return policy, True
         return self, False
 
 
-def _traffic_policy(r: Reader, raw: object, path: str, *, port_level: bool) -> _Policy | None:
+def read_traffic_policy(
+    r: Reader, raw: object, path: str, *, port_level: bool
+) -> TrafficPolicy | None:
     fields = ["loadBalancer", "connectionPool", "outlierDetection", "tls"]
     if port_level:
         fields.append("portLevelSettings")
@@ -98,13 +99,13 @@ def _traffic_policy(r: Reader, raw: object, path: str, *, port_level: bool) -> _
                 join_path(path, "tls.mode"),
                 f"TLS origination ({mode}) is {NOT_SUPPORTED}; upstream connections are plain HTTP",
             )
-    levels: list[tuple[int, _Policy]] = []
+    levels: list[tuple[int, TrafficPolicy]] = []
     if port_level:
         for ppath, item in r.items(m, "portLevelSettings", path):
             if item is None:
                 r.error(ppath, "traffic policy may not be null")
                 continue
-            sub = _traffic_policy(r, item, ppath, port_level=False)
+            sub = read_traffic_policy(r, item, ppath, port_level=False)
             port_obj = item.get("port") if isinstance(item, dict) else None
             if port_obj is None:
                 r.error(ppath, "portTrafficPolicy must have valid port")
@@ -120,7 +121,7 @@ def _traffic_policy(r: Reader, raw: object, path: str, *, port_level: bool) -> _
                 )
                 continue
             levels.append((number, sub))
-    return _Policy(lb, pool, outlier, tuple(levels))
+    return TrafficPolicy(lb, pool, outlier, tuple(levels))
 
 
 def _load_balancer(r: Reader, m: Mapping[str, object], path: str) -> LoadBalancerSettings | None:

@@ -1,4 +1,4 @@
-"""Istio ``VirtualService`` -> ``_VirtualService``: hosts, gateways and ``http`` routes.
+"""Istio ``VirtualService`` -> ``ParsedVirtualService``: hosts, gateways and ``http`` routes.
 
 Theory
 ------
@@ -8,7 +8,7 @@ Theory
   first catch-all of a VirtualService, and when several VirtualServices share a host the
   catch-alls move to the end (``SortVHostRoutes``).  That part lives in ``proxy.routing``.
 
-A route is parsed before the DestinationRules are known (``_RawRoute``): its destinations' hash
+A route is parsed before the DestinationRules are known (``RawRoute``): its destinations' hash
 policies and the retry "previous hosts" predicate are filled in by ``proxy.istio_compile``, which
 also checks the gateway and subset references once every resource has been read.  The match
 conditions are ``proxy.istio_match``'s.  The rest of an entry follows Istio's validation: exactly
@@ -33,29 +33,31 @@ from proxy.config import (
     Headers,
     HttpMatch,
     HttpRoute,
-    Reader,
     Redirect,
     RetryPolicy,
     Rewrite,
-    did_you_mean,
     host_subset_of,
-    is_dns1123_label,
     is_ip,
-    join_path,
-    wildcard_domain_problem,
 )
-from proxy.istio_match import _match, _regex_ok
+from proxy.istio_match import read_match, regex_ok
 from proxy.istio_names import (
     MESH_GATEWAY,
     NOT_SUPPORTED,
-    _check_gateway_name,
-    _Meta,
-    _words,
+    Meta,
+    check_gateway_name,
     resolve_gateway_name,
     resolve_short_name,
+    words,
+)
+from proxy.istio_reader import (
+    Reader,
+    did_you_mean,
+    is_dns1123_label,
+    join_path,
+    wildcard_domain_problem,
 )
 
-_HTTP_ROUTE_FIELDS = _words(
+_HTTP_ROUTE_FIELDS = words(
     "name match route redirect directResponse rewrite timeout retries headers"
 )
 _HTTP_ROUTE_IGNORED = {
@@ -68,7 +70,7 @@ _HTTP_ROUTE_IGNORED = {
 }
 _HEADER_VALUE = re.compile(r"[^\x00-\x08\x0A-\x1F\x7F]*")
 _RETRY_ON = frozenset(
-    _words(
+    words(
         "5xx gateway-error reset reset-before-request connect-failure retriable-4xx "
         "refused-stream retriable-status-codes retriable-headers envoy-ratelimited "
         "http3-post-connect-failure cancelled deadline-exceeded internal resource-exhausted "
@@ -79,7 +81,7 @@ _HTTP_STATUSES = frozenset(int(s) for s in http.HTTPStatus)
 
 
 @dataclass(frozen=True, slots=True)
-class _RawDestination:
+class RawDestination:
     path: str
     destination: Destination
     weight: int
@@ -87,27 +89,27 @@ class _RawDestination:
 
 
 @dataclass(frozen=True, slots=True)
-class _RawRoute:
+class RawRoute:
     """An ``http[]`` entry before the DestinationRules are known (hash policies, retries)."""
 
     path: str
     route: HttpRoute
-    destinations: tuple[_RawDestination, ...]
+    destinations: tuple[RawDestination, ...]
     match_gateway_paths: tuple[tuple[str, str], ...]  # (path, resolved gateway)
     retries_set: bool
     ignore_previous_hosts: bool | None
 
 
 @dataclass(slots=True)
-class _VirtualService:
-    meta: _Meta
+class ParsedVirtualService:
+    meta: Meta
     reader: Reader
     hosts: list[str]
     gateways: list[tuple[str, str]]  # (path, resolved)
-    routes: list[_RawRoute]
+    routes: list[RawRoute]
 
 
-def _virtual_service(r: Reader, meta: _Meta, spec: object) -> _VirtualService | None:
+def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualService | None:
     s = r.mapping(
         spec,
         "spec",
@@ -121,7 +123,7 @@ def _virtual_service(r: Reader, meta: _Meta, spec: object) -> _VirtualService | 
         for p, g in r.string_list(s, "gateways", "spec")
     ]
     for p, raw in r.string_list(s, "gateways", "spec"):
-        _check_gateway_name(r, p, raw)
+        check_gateway_name(r, p, raw)
     mesh_only = not gateways or all(g == MESH_GATEWAY for _, g in gateways)
     hosts: list[str] = []
     raw_hosts = r.string_list(s, "hosts", "spec", required=True)
@@ -142,17 +144,17 @@ def _virtual_service(r: Reader, meta: _Meta, spec: object) -> _VirtualService | 
                 r.error(
                     join_path("spec", "hosts"), f"duplicate hosts in virtual service: {a} & {b}"
                 )
-    routes: list[_RawRoute] = []
+    routes: list[RawRoute] = []
     for index, (path, item) in enumerate(r.items(s, "http", "spec")):
         route = _http_route(r, meta, index, path, item)
         if route is not None:
             routes.append(route)
     if s.get("http") is None and s.get("tls") is None and s.get("tcp") is None:
         r.error("spec", "http, tcp or tls must be provided in virtual service")
-    return _VirtualService(meta, r, hosts, gateways, routes)
+    return ParsedVirtualService(meta, r, hosts, gateways, routes)
 
 
-def _http_route(r: Reader, meta: _Meta, index: int, path: str, item: object) -> _RawRoute | None:
+def _http_route(r: Reader, meta: Meta, index: int, path: str, item: object) -> RawRoute | None:
     m = r.mapping(item, path, (*_HTTP_ROUTE_FIELDS, "delegate"), _HTTP_ROUTE_IGNORED)
     if m is None:
         return None
@@ -165,14 +167,14 @@ def _http_route(r: Reader, meta: _Meta, index: int, path: str, item: object) -> 
     matches: list[HttpMatch] = []
     gateway_refs: list[tuple[str, str]] = []
     for mpath, raw in r.items(m, "match", path):
-        match = _match(r, meta, mpath, raw)
+        match = read_match(r, meta, mpath, raw)
         if match is not None:
             matches.append(match)
             gateway_refs.extend(
                 (join_path(join_path(mpath, "gateways"), i), g)
                 for i, g in enumerate(match.gateways)
             )
-    destinations: list[_RawDestination] = []
+    destinations: list[RawDestination] = []
     total = 0
     for dpath, raw in r.items(m, "route", path):
         dest = _route_destination(r, meta, dpath, raw)
@@ -213,12 +215,12 @@ def _http_route(r: Reader, meta: _Meta, index: int, path: str, item: object) -> 
         retries=retries,
         headers=headers,
     )
-    return _RawRoute(
+    return RawRoute(
         path, route, tuple(destinations), tuple(gateway_refs), retries_set, ignore_previous
     )
 
 
-def _route_destination(r: Reader, meta: _Meta, path: str, raw: object) -> _RawDestination | None:
+def _route_destination(r: Reader, meta: Meta, path: str, raw: object) -> RawDestination | None:
     m = r.mapping(raw, path, ("destination", "weight", "headers"))
     if m is None:
         if raw is None:
@@ -232,10 +234,10 @@ def _route_destination(r: Reader, meta: _Meta, path: str, raw: object) -> _RawDe
     headers = _headers(r, m, "headers", path)
     if dest is None:
         return None
-    return _RawDestination(path, dest, weight or 0, headers)
+    return RawDestination(path, dest, weight or 0, headers)
 
 
-def _destination(r: Reader, meta: _Meta, path: str, m: Mapping[str, object]) -> Destination | None:
+def _destination(r: Reader, meta: Meta, path: str, m: Mapping[str, object]) -> Destination | None:
     d = r.obj(m, "destination", path, ("host", "subset", "port"), required=True)
     if d is None:
         return None
@@ -349,7 +351,7 @@ def _rewrite(r: Reader, path: str, m: Mapping[str, object]) -> Rewrite | None:
         substitution = r.string(regex, "rewrite", rpath)
         if not pattern or not substitution:
             r.error(rpath, "UriRegexRewrite requires both Rewrite and Match fields to be specified")
-        elif _regex_ok(r, join_path(rpath, "match"), pattern):
+        elif regex_ok(r, join_path(rpath, "match"), pattern):
             uri_regex = (pattern, substitution)
     if uri and regex is not None:
         r.error(here, "rewrite may only contain one of URI or UriRegexRewrite")

@@ -5,19 +5,19 @@ Theory of operation
 Two planes share one object graph and never lock:
 
 * the **control plane** (this module's ``Proxy``, ``proxy.discovery``, health, reload)
-  turns a ``Config`` into a ``Runtime``: a router per listener, a ``ClusterRuntime`` per cluster
-  with its compiled ``Affinity``, connection pools per endpoint and its metric children.
-  Endpoint changes rebuild a cluster's snapshot off the request path and swap one reference
-  (``proxy.cluster``);
-* the **request path** (``proxy.dispatch.Dispatcher``) reads ``proxy.runtime`` once per
+  turns a ``Config`` into a ``Runtime`` (``proxy.runtime``): a router per listener, a
+  ``ClusterRuntime`` per cluster with its compiled ``Affinity``, connection pools per endpoint
+  and its metric children. Endpoint changes rebuild a cluster's snapshot off the request path
+  and swap one reference (``proxy.cluster``);
+* the **request path** (``proxy.dispatch.Dispatcher``) reads ``proxy.ref.current`` once per
   request, routes, hashes, picks and returns a ``Forward`` for ``proxy.http1`` to carry out,
   then counts the finished exchange and logs it. Both allocate little: header edits, status
   replies, Set-Cookie pieces and metric children are precomputed per route and per cluster.
 
 Reload (SIGHUP, ``--watch``) loads and validates the files in a thread, builds a new ``Runtime``
 keeping the ``ClusterRuntime`` (pools, discovery, stats) of every cluster whose spec did not
-change, resolves the new clusters once, then swaps ``proxy.runtime`` in one assignment. A request
-in flight keeps the objects it already read; a cluster that went away closes its idle
+change, resolves the new clusters once, then swaps ``proxy.ref.current`` in one assignment. A
+request in flight keeps the objects it already read; a cluster that went away closes its idle
 connections (busy ones close when their exchange releases them). An invalid configuration
 changes nothing: every error is logged and ``sticky_config_reloads_total{result="failure"}``
 counts it.
@@ -39,27 +39,25 @@ import functools
 import logging
 import os
 import signal
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from types import MappingProxyType
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
-from proxy.cluster import Cluster
-from proxy.config import DEFAULT_LB, ClusterSpec, Config, ConfigError, Endpoint, load_config
+from proxy.admin import admin_app, metrics_app, readiness_app, start_app
+from proxy.config import Config, ConfigError, Endpoint
 from proxy.discovery import DEFAULT_DNS_REFRESH, DiscoveryError, EndpointWatcher
 from proxy.dispatch import Dispatcher
 from proxy.exchange import ServerSettings
-from proxy.health import ClusterHealth
 from proxy.http1 import serve
+from proxy.istio import load_config
 from proxy.listener import Connections
-from proxy.routing import Router
-from proxy.upstream import CircuitBreaker, UpstreamPool
+from proxy.runtime import ClusterRuntime, Runtime, RuntimeRef, build_runtime
 
 if TYPE_CHECKING:
     from aiohttp import web
 
     from proxy.accesslog import AccessLog
-    from proxy.metrics import ClusterStats, Metrics
+    from proxy.metrics import Metrics
 
 log = logging.getLogger("proxy.server")
 
@@ -93,74 +91,6 @@ class RunOptions:
     ready_fd: int | None = None  # a worker writes b"ready\n" here once it serves
 
 
-class ClusterRuntime:
-    """One cluster as the request path sees it: its spec, the live snapshot holder, its stats."""
-
-    __slots__ = ("breaker", "cluster", "health", "spec", "stats", "tasks")
-
-    def __init__(self, spec: ClusterSpec, metrics: Metrics | None = None) -> None:
-        self.spec = spec
-        pool = spec.pool
-        # Envoy's circuit breakers are per cluster: every pool of the cluster shares one.
-        breaker = self.breaker = CircuitBreaker(
-            pool.max_connections, pool.http1_max_pending_requests, pool.max_retries
-        )
-        self.cluster: Cluster[UpstreamPool] = Cluster(
-            spec.name,
-            spec.lb,
-            lambda ep: UpstreamPool(
-                ep.address,
-                ep.port,
-                connect_timeout=pool.connect_timeout,
-                idle_timeout=pool.idle_timeout,
-                max_requests_per_connection=pool.max_requests_per_connection,
-                max_connection_duration=pool.max_connection_duration,
-                breaker=breaker,
-            ),
-            panic_threshold=spec.panic_threshold,
-            on_rebuild=metrics.rebuilt if metrics is not None else None,  # type: ignore[arg-type]
-        )
-        self.stats: ClusterStats | None = metrics.cluster(spec) if metrics is not None else None
-        self.health = ClusterHealth(spec, self.cluster)
-        self.tasks: list[asyncio.Task[None]] = []  # discovery refresh, health checks
-
-
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    """Everything the request path reads, built from one Config and swapped as one reference."""
-
-    config: Config
-    routers: Mapping[int, Router]
-    clusters: Mapping[str, ClusterRuntime]
-
-
-def build_runtime(
-    config: Config, metrics: Metrics | None = None, previous: Runtime | None = None
-) -> Runtime:
-    """A Runtime for ``config``, reusing ``previous``'s clusters whose spec is unchanged."""
-    routers = {listener.port: Router(config, listener.port) for listener in config.listeners}
-    old = previous.clusters if previous is not None else {}
-    clusters: dict[str, ClusterRuntime] = {}
-    for name, spec in config.clusters.items():
-        kept = old.get(name)
-        if kept is not None and _identity(kept.spec) == _identity(spec):
-            kept.spec = spec
-            clusters[name] = kept
-        else:
-            clusters[name] = ClusterRuntime(spec, metrics)
-    return Runtime(config, MappingProxyType(routers), MappingProxyType(clusters))
-
-
-def _identity(spec: ClusterSpec) -> tuple[object, ...]:
-    """What a cluster's pools, ring and discovery depend on: a reload that changes nothing else
-    (the hash policy, read from the route on every request; the file it came from) keeps the
-    running cluster with its warm connections."""
-    lb = spec.lb
-    ch = lb.consistent_hash
-    ring = (ch.algorithm, ch.minimum_ring_size, ch.maximum_ring_size, ch.table_size) if ch else ()
-    return (replace(spec, lb=DEFAULT_LB, source=""), lb.simple, ring)
-
-
 class Proxy:
     """The running proxy: runtime, discovery tasks, listeners, operating ports."""
 
@@ -176,7 +106,7 @@ class Proxy:
             from proxy.accesslog import AccessLog
 
             self.access_log = AccessLog(options.access_log, options.access_log_stream)
-        self.runtime = build_runtime(config, self.metrics)
+        self.ref = RuntimeRef(build_runtime(config, self.metrics))
         # Counting what each worker accepted proves SO_REUSEPORT spreads the connections.
         accepted = (
             self.metrics.worker_connections.labels(str(options.worker)) if self.metrics else None
@@ -202,6 +132,11 @@ class Proxy:
                 host, port = sock.getsockname()[:2]
                 found.append((host, port))
         return found
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime requests read now (``ref.current``)."""
+        return self.ref.current
 
     @property
     def ready(self) -> bool:
@@ -300,7 +235,7 @@ class Proxy:
     async def _start_listeners(self) -> None:
         for host, port, gateway_port in self._listen_addresses():
             server = await serve(
-                Dispatcher(self, gateway_port),
+                Dispatcher(self.ref, gateway_port, self.metrics, self.access_log),
                 host,
                 port,
                 self.options.settings,
@@ -312,8 +247,6 @@ class Proxy:
             log.info("listening on %s:%d", host, port)
 
     async def _start_operating_ports(self) -> None:
-        from proxy.admin import admin_app, metrics_app, readiness_app, start_app
-
         opts = self.options
         apps: list[tuple[str, Address | None, web.Application | None]] = [
             ("readiness", opts.readiness, None),
@@ -361,7 +294,7 @@ class Proxy:
                 crt for name, crt in runtime.clusters.items() if old.clusters.get(name) is not crt
             ]
             await self._start_discovery(added)  # the first request on a new cluster finds endpoints
-            self.runtime = runtime  # the swap: requests from here on see the new config
+            self.ref.current = runtime  # the swap: requests from here on see the new config
             gone = [
                 crt for name, crt in old.clusters.items() if runtime.clusters.get(name) is not crt
             ]
@@ -474,10 +407,10 @@ class Proxy:
             log.warning("SIGHUP ignored: still starting")
             return
         log.info("SIGHUP: reloading")
-        self._tasks.append(asyncio.create_task(self._reload_quietly()))
+        self._tasks.append(asyncio.create_task(self._reload_on_signal()))
 
-    async def _reload_quietly(self) -> None:
-        await self.reload()
+    async def _reload_on_signal(self) -> None:
+        await self.reload()  # it logs and counts its outcome; the task keeps no result
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain and stop."""

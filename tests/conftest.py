@@ -4,8 +4,10 @@
     raw_backend    start an asyncio server from a (reader, writer) coroutine -> port
     proxy          start the data plane (``proxy.http1.serve``) with a dispatcher -> port
     pools          make an UpstreamPool to 127.0.0.1:port (closed at teardown)
-    forward_all    the ForwardAll class: a dispatcher sending everything to one pool
     raw_client     open a byte-level HTTP/1.1 client (RawClient) to a port
+
+``ForwardAll`` (``from conftest import ForwardAll``) is a dispatcher sending everything to one
+pool and recording the exchanges.
 
 RawClient is for tests that need control over the bytes (pipelining, malformed input, half
 reads); everything else should use ``aiohttp.ClientSession``.
@@ -67,7 +69,7 @@ async def backend() -> AsyncIterator[Callable[[web.Application], Awaitable[Backe
         runners.append(runner)
         server = site._server
         assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         return Backend(HOST, port)
 
     yield start
@@ -87,14 +89,14 @@ async def raw_backend() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
         async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             assert task is not None
-            tasks.add(task)  # type: ignore[arg-type]
+            tasks.add(task)
             try:
                 await handler(reader, writer)
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
             finally:
                 writer.close()
-                tasks.discard(task)  # type: ignore[arg-type]
+                tasks.discard(task)
 
         server = await asyncio.start_server(run, HOST, 0)
         servers.append(server)
@@ -276,4 +278,5 @@ async def pools() -> AsyncIterator[Callable[..., UpstreamPool]]:
 
 @pytest.fixture
 def forward_all() -> type[ForwardAll]:
+    """The ForwardAll class, for test_http1*.py until they import it like the others do."""
     return ForwardAll

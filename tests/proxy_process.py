@@ -114,6 +114,32 @@ def sample_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def gateway_yaml(name: str = "gw", port: int = 80) -> str:
+    """A Gateway ``name`` with one HTTP server for every host on ``port``."""
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: {name}}}
+spec:
+  servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ["*"]}}]
+"""
+
+
+def service_yaml(name: str, pod: tuple[str, int]) -> str:
+    """A STATIC ServiceEntry: host ``<name>.local`` port 80 is the one ``pod``."""
+    host, port = pod
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}}}
+spec:
+  hosts: [{name}.local]
+  ports: [{{number: 80, name: http}}]
+  resolution: STATIC
+  endpoints: [{{address: {host}, ports: {{http: {port}}}}}]
+"""
+
+
 def article_yaml(pods: list[tuple[str, int]], cookie: str = "ISTIOID") -> str:
     """The article's Gateway/VirtualService/DestinationRule plus a ServiceEntry for ``pods``."""
     article = (ROOT / "config" / "sticky.yaml").read_text().replace("ISTIOID", cookie)

@@ -14,7 +14,7 @@ import pytest
 
 from proxy.demo import PodSet
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
 @asynccontextmanager

@@ -7,16 +7,18 @@ import pytest
 from proxy.config import (
     Destination,
     Endpoint,
-    Issues,
-    Reader,
     cluster_name,
     destination_port,
-    did_you_mean,
-    fqdn_problem,
     host_subset_of,
-    join_path,
     labels_match,
     labels_of,
+)
+from proxy.istio_reader import (
+    Issues,
+    Reader,
+    did_you_mean,
+    fqdn_problem,
+    join_path,
     parse_duration,
     wildcard_domain_problem,
 )

@@ -33,7 +33,7 @@ from proxy.istio import load_text
 ROOT = Path(__file__).resolve().parent.parent
 HADOLINT = Path(sys.executable).parent / "hadolint"
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
 def dockerfile() -> list[tuple[str, str]]:

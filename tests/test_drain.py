@@ -11,7 +11,7 @@ from proxy_process import OPS_LOCAL, OPS_PORTS, eventually, proxy_process, readi
 
 from proxy.demo import PodSet
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
 async def test_sigterm_with_a_2s_request_in_flight_completes_it_and_exits_0() -> None:

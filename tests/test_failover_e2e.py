@@ -32,7 +32,7 @@ from proxy.istio import load_text
 from proxy.server import Proxy, RunOptions
 from proxy.upstream import UpstreamPool
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 LISTEN = RunOptions(listen=(("127.0.0.1", 0),))
 

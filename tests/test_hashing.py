@@ -653,10 +653,11 @@ COMPILED = hashing.__file__ is not None and hashing.__file__.endswith(".so")
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: RingHash({"a:1": 1.5}), "weight of 'a:1' must be a positive integer, got 1.5"),
-        (lambda: Maglev({"a:1": "3"}, 7), "weight of 'a:1' must be a positive integer, got '3'"),
-        (lambda: RingHash(PORTS_90_95, 2.0), "minimum_ring_size must be an integer, got 2.0"),
-        (lambda: Maglev(PORTS_90_95, 7.0), "maglev: table_size must be an integer, got 7.0"),
+        # The wrong types are the point: what a caller that mypy does not check would pass.
+        (lambda: RingHash({"a:1": 1.5}), "weight of 'a:1' must be a positive integer, got 1.5"),  # type: ignore[dict-item]
+        (lambda: Maglev({"a:1": "3"}, 7), "weight of 'a:1' must be a positive integer, got '3'"),  # type: ignore[dict-item]
+        (lambda: RingHash(PORTS_90_95, 2.0), "minimum_ring_size must be an integer, got 2.0"),  # type: ignore[arg-type]
+        (lambda: Maglev(PORTS_90_95, 7.0), "maglev: table_size must be an integer, got 7.0"),  # type: ignore[arg-type]
     ],
 )
 def test_wrong_types_are_refused(build: Callable[[], object], message: str) -> None:

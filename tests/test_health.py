@@ -13,13 +13,15 @@ from proxy.config import (
     ClusterSpec,
     ConsistentHashLB,
     Endpoint,
+    HealthCheckSpec,
     LoadBalancerSettings,
     OutlierDetection,
     StaticEndpoints,
 )
 from proxy.demo import PodSet
 from proxy.hashing import RingHash
-from proxy.health import ClusterHealth, HealthCheckSpec, parse_health_check
+from proxy.health import ClusterHealth
+from proxy.istio_reader import parse_health_check
 from proxy.upstream import UpstreamPool
 
 ENDPOINTS = tuple(Endpoint("127.0.0.1", 9000 + i) for i in range(3))
@@ -53,7 +55,7 @@ def make(
         lb=LoadBalancerSettings(),
         endpoints=StaticEndpoints(endpoints),
         outlier=outlier,
-        health_check=health_check,
+        health_check=parse_health_check(health_check) if health_check else None,
         panic_threshold=panic,
     )
     cluster: Cluster[UpstreamPool] = Cluster(

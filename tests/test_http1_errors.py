@@ -140,7 +140,7 @@ async def test_bad_requests_rejected_while_others_are_served(
             async with good.get(f"http://127.0.0.1:{port}/after") as r:
                 assert r.status == 200, name
                 assert await r.read() == b"ok /after "
-        assert len(good.connector._conns) == 1  # type: ignore[attr-defined]  # one keep-alive
+        assert len(good.connector._conns) == 1  # type: ignore[union-attr]  # one keep-alive
     rejected = [e for e in dispatcher.finished_ if e.status >= 400]
     assert len(rejected) == len(BAD_REQUESTS)  # reported to finished() without a dispatch
     assert all(e.flags == "DPE" for e in rejected)

@@ -27,6 +27,7 @@ from proxy.config import (
     Endpoint,
     HeaderOperations,
     Headers,
+    HealthCheckSpec,
     HttpRoute,
     LoadBalancerSettings,
     OutlierDetection,
@@ -37,9 +38,8 @@ from proxy.config import (
     StaticEndpoints,
     StringMatch,
     TcpKeepalive,
-    load_config,
 )
-from proxy.istio import load_text, resolve_gateway_name, resolve_short_name
+from proxy.istio import load_config, load_text, resolve_gateway_name, resolve_short_name
 
 CONFIG = Path(__file__).resolve().parent.parent / "config"
 SVC = "test2-bwce-srv.default.svc.cluster.local"
@@ -810,7 +810,7 @@ def test_health_check_annotation_reaches_the_cluster() -> None:
             "{name: dr, annotations: {sticky-proxy/health-check: 'path=/healthz interval=5s'}}",
         ),
     )
-    assert cluster(config).health_check == "path=/healthz interval=5s"
+    assert cluster(config).health_check == HealthCheckSpec(path="/healthz", interval=5.0)
 
 
 # --------------------------------------------------------------------------- ServiceEntry
@@ -838,7 +838,7 @@ def test_service_entry_static_endpoints_ports_weights_labels() -> None:
             Endpoint("::1", 9000, 1, (("color", "blue"),)),
         )
     )
-    assert [ep.key for ep in blue.endpoints.endpoints] == ["127.0.0.1:9001", "[::1]:9000"]  # type: ignore[union-attr]
+    assert [ep.key for ep in blue.endpoints.endpoints] == ["127.0.0.1:9001", "[::1]:9000"]
     everyone = config.clusters["outbound|8080||pods.local"]
     assert len(everyone.endpoints.endpoints) == 3  # type: ignore[union-attr]
     assert config.service_ports == {"pods.local": (8080,)}

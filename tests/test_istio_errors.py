@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config
-from proxy.istio import load_text
+from proxy.config import ConfigError
+from proxy.istio import load_config, load_text
 
 GW = """apiVersion: networking.istio.io/v1
 kind: Gateway

@@ -129,7 +129,7 @@ def exchange(status: int, flags: str = "-", upstream: str | None = None) -> Exch
 
 async def test_finished_tolerates_exchanges_that_were_never_dispatched() -> None:
     proxy = Proxy(load_text(article_yaml([("127.0.0.1", 9)])), RunOptions())
-    dispatcher = Dispatcher(proxy, 80)
+    dispatcher = Dispatcher(proxy.ref, 80, proxy.metrics, proxy.access_log)
     for ex in (exchange(400, "DPE"), exchange(431, "DPE"), exchange(0, "DC"), exchange(408)):
         dispatcher.finished(ex)
     assert proxy.metrics is not None

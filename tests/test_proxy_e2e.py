@@ -18,10 +18,10 @@ import aiohttp
 import pytest
 
 from proxy.affinity import format_address, generated_cookie_value
-from proxy.config import Config, load_config
+from proxy.config import Config
 from proxy.demo import PodSet
 from proxy.hashing import Maglev, RingHash, xxh64
-from proxy.istio import load_text
+from proxy.istio import load_config, load_text
 from proxy.quick import QuickOptions, quick_config
 from proxy.server import Proxy, RunOptions
 

@@ -19,11 +19,11 @@ from proxy_process import (
     scrape,
 )
 
-from proxy.config import load_config
 from proxy.demo import PodSet
+from proxy.istio import load_config
 from proxy.server import Proxy, RunOptions
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
 @pytest.fixture

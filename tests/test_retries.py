@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import pytest
+from conftest import ForwardAll
 
 from proxy.config import RetryPolicy
 from proxy.replies import CONNECT_FAILURE, CONNECTION_TERMINATION, OVERFLOW_TEXT
@@ -84,7 +85,7 @@ def plan(
     return RetryPlan(attempts, on, codes, backoff=NO_BACKOFF, **kwargs)  # type: ignore[arg-type]
 
 
-async def post(client, body: bytes, path: str = "/") -> object:  # type: ignore[no-untyped-def]
+async def post(client, body: bytes, path: str = "/") -> object:
     await client.send(
         b"POST %s HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s"
         % (path.encode(), len(body), body)
@@ -159,10 +160,10 @@ def test_backoff_is_jittered_and_capped() -> None:
 
 
 # --------------------------------------------------------------------------- status retries
-async def test_503_retried_on_the_same_pod(raw_backend, proxy, pools, forward_all, raw_client):
+async def test_503_retried_on_the_same_pod(raw_backend, proxy, pools, raw_client):
     script = Script([503, 200])
     pool = pools(await raw_backend(script))
-    dispatcher = forward_all(pool, retry=plan())
+    dispatcher = ForwardAll(pool, retry=plan())
     client = await raw_client(await proxy(dispatcher))
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     resp = await client.read_response()
@@ -173,11 +174,9 @@ async def test_503_retried_on_the_same_pod(raw_backend, proxy, pools, forward_al
     assert pool.opened == 1  # the dropped 503 was read to its end: its connection was reused
 
 
-async def test_retries_exhausted_pass_the_last_503_through(
-    raw_backend, proxy, pools, forward_all, raw_client
-):
+async def test_retries_exhausted_pass_the_last_503_through(raw_backend, proxy, pools, raw_client):
     script = Script([503, 503, 503, 200])
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=plan())
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=plan())
     client = await raw_client(await proxy(dispatcher))
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     resp = await client.read_response()
@@ -185,20 +184,18 @@ async def test_retries_exhausted_pass_the_last_503_through(
     assert len(script.requests) == 3  # the first try and 2 retries
 
 
-async def test_other_statuses_are_not_retried(raw_backend, proxy, pools, forward_all, raw_client):
+async def test_other_statuses_are_not_retried(raw_backend, proxy, pools, raw_client):
     script = Script([500, 200])
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=plan())
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=plan())
     client = await raw_client(await proxy(dispatcher))
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert (await client.read_response()).status == 500
     assert len(script.requests) == 1
 
 
-async def test_status_retry_replays_a_buffered_body(
-    raw_backend, proxy, pools, forward_all, raw_client
-):
+async def test_status_retry_replays_a_buffered_body(raw_backend, proxy, pools, raw_client):
     script = Script([503, 503, 200])
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=plan())
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=plan())
     client = await raw_client(await proxy(dispatcher))
     resp = await post(client, b"hello")
     assert resp.status == 200  # type: ignore[attr-defined]
@@ -212,12 +209,10 @@ async def test_status_retry_replays_a_buffered_body(
     assert [body for _, body in script.requests[3:]] == [b"abcde", b"abcde"]
 
 
-async def test_retry_to_other_hosts_uses_next_pool(
-    raw_backend, proxy, pools, forward_all, raw_client
-):
+async def test_retry_to_other_hosts_uses_next_pool(raw_backend, proxy, pools, raw_client):
     first, second = Script([503]), Script([200])
     a, b = pools(await raw_backend(first)), pools(await raw_backend(second))
-    dispatcher = forward_all(a, retry=plan(other_hosts=True), next_pool=lambda k: b)
+    dispatcher = ForwardAll(a, retry=plan(other_hosts=True), next_pool=lambda k: b)
     client = await raw_client(await proxy(dispatcher))
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert (await client.read_response()).status == 200
@@ -227,10 +222,10 @@ async def test_retry_to_other_hosts_uses_next_pool(
 
 # --------------------------------------------------------------------------- resets and bodies
 async def test_reset_after_the_body_is_not_replayed_by_default(
-    raw_backend, proxy, pools, forward_all, raw_client
+    raw_backend, proxy, pools, raw_client
 ):
     script = Script(["reset", 200])
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=DEFAULT)
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=DEFAULT)
     client = await raw_client(await proxy(dispatcher))
     resp = await post(client, b"pay once")
     assert resp.status == 503 and resp.body == CONNECTION_TERMINATION  # type: ignore[attr-defined]
@@ -238,10 +233,10 @@ async def test_reset_after_the_body_is_not_replayed_by_default(
 
 
 async def test_reset_replayed_when_retry_on_asks_and_the_body_was_held(
-    raw_backend, proxy, pools, forward_all, raw_client
+    raw_backend, proxy, pools, raw_client
 ):
     script = Script(["reset", 200])
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=plan(RETRY_RESET))
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=plan(RETRY_RESET))
     client = await raw_client(await proxy(dispatcher))
     resp = await post(client, b"again")
     assert resp.status == 200  # type: ignore[attr-defined]
@@ -249,11 +244,11 @@ async def test_reset_replayed_when_retry_on_asks_and_the_body_was_held(
 
 
 async def test_body_longer_than_the_replay_limit_is_never_replayed(
-    raw_backend, proxy, pools, forward_all, raw_client
+    raw_backend, proxy, pools, raw_client
 ):
     script = Script([503, 503, 200])
     limited = plan(replay_limit=16)
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=limited)
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=limited)
     client = await raw_client(await proxy(dispatcher))
     resp = await post(client, b"x" * 17)
     assert resp.status == 503  # type: ignore[attr-defined]
@@ -263,11 +258,9 @@ async def test_body_longer_than_the_replay_limit_is_never_replayed(
     assert len(script.requests) == 3
 
 
-async def test_large_body_streams_and_is_not_replayed(
-    raw_backend, proxy, pools, forward_all, raw_client
-):
+async def test_large_body_streams_and_is_not_replayed(raw_backend, proxy, pools, raw_client):
     script = Script(["reset"])
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=plan(RETRY_RESET))
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=plan(RETRY_RESET))
     client = await raw_client(await proxy(dispatcher))
     body = b"y" * (256 * 1024)
     resp = await post(client, body)
@@ -276,12 +269,10 @@ async def test_large_body_streams_and_is_not_replayed(
 
 
 # --------------------------------------------------------------------------- timeouts
-async def test_per_try_timeout_retries_then_succeeds(
-    raw_backend, proxy, pools, forward_all, raw_client
-):
+async def test_per_try_timeout_retries_then_succeeds(raw_backend, proxy, pools, raw_client):
     script = Script(["hang", 200])
     timed = plan(RETRY_RESET, per_try_timeout=0.2)
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=timed, timeout=5.0)
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=timed, timeout=5.0)
     client = await raw_client(await proxy(dispatcher))
     started = time.monotonic()
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -290,12 +281,10 @@ async def test_per_try_timeout_retries_then_succeeds(
     assert len(script.requests) == 2
 
 
-async def test_per_try_timeouts_exhausted_is_504(
-    raw_backend, proxy, pools, forward_all, raw_client
-):
+async def test_per_try_timeouts_exhausted_is_504(raw_backend, proxy, pools, raw_client):
     script = Script(["hang", "hang"])
     timed = plan(RETRY_RESET, per_try_timeout=0.1, attempts=1)
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=timed)
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=timed)
     client = await raw_client(await proxy(dispatcher))
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     resp = await client.read_response()
@@ -305,12 +294,10 @@ async def test_per_try_timeouts_exhausted_is_504(
     assert ex.flags == "UT"
 
 
-async def test_route_timeout_bounds_all_attempts(
-    raw_backend, proxy, pools, forward_all, raw_client
-):
+async def test_route_timeout_bounds_all_attempts(raw_backend, proxy, pools, raw_client):
     script = Script(["hang", "hang", "hang"])
     timed = plan(RETRY_RESET, per_try_timeout=0.2)
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=timed, timeout=0.3)
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=timed, timeout=0.3)
     client = await raw_client(await proxy(dispatcher))
     started = time.monotonic()
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -320,17 +307,15 @@ async def test_route_timeout_bounds_all_attempts(
 
 
 # --------------------------------------------------------------------------- connect failures
-async def test_connect_failures_share_the_attempt_budget(proxy, pools, forward_all, raw_client):
+async def test_connect_failures_share_the_attempt_budget(proxy, pools, raw_client):
     dead = [pools(dead_port()) for _ in range(3)]
     asked: list[int] = []
 
-    def next_pool(k: int):  # type: ignore[no-untyped-def]
+    def next_pool(k: int):
         asked.append(k)
         return dead[k]
 
-    dispatcher = forward_all(
-        dead[0], retry=plan(attempts=1), next_pool=next_pool, connect_retries=2
-    )
+    dispatcher = ForwardAll(dead[0], retry=plan(attempts=1), next_pool=next_pool, connect_retries=2)
     client = await raw_client(await proxy(dispatcher))
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     resp = await client.read_response()
@@ -338,24 +323,20 @@ async def test_connect_failures_share_the_attempt_budget(proxy, pools, forward_a
     assert asked == [1]
 
 
-async def test_every_attempt_reports_to_its_pools_monitor(
-    raw_backend, proxy, pools, forward_all, raw_client
-):
+async def test_every_attempt_reports_to_its_pools_monitor(raw_backend, proxy, pools, raw_client):
     script = Script([503, 200])
     dead, live = pools(dead_port()), pools(await raw_backend(script))
     dead.monitor, live.monitor = Recorder(), Recorder()
-    dispatcher = forward_all(dead, retry=plan(), next_pool=lambda k: live, connect_retries=2)
+    dispatcher = ForwardAll(dead, retry=plan(), next_pool=lambda k: live, connect_retries=2)
     client = await raw_client(await proxy(dispatcher))
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert (await client.read_response()).status == 200
-    assert dead.monitor.seen == [503]  # type: ignore[union-attr]
-    assert live.monitor.seen == [503, 200]  # type: ignore[union-attr]
+    assert dead.monitor.seen == [503]
+    assert live.monitor.seen == [503, 200]
 
 
 # --------------------------------------------------------------------------- circuit breaking
-async def test_overflow_beyond_max_connections_and_pending(
-    raw_backend, proxy, pools, forward_all, raw_client
-):
+async def test_overflow_beyond_max_connections_and_pending(raw_backend, proxy, pools, raw_client):
     release = asyncio.Event()
     arrived: list[bytes] = []
 
@@ -369,7 +350,7 @@ async def test_overflow_beyond_max_connections_and_pending(
 
     breaker = CircuitBreaker(max_connections=1, max_pending=1)
     pool = pools(await raw_backend(slow), breaker=breaker)
-    dispatcher = forward_all(pool)
+    dispatcher = ForwardAll(pool)
     port = await proxy(dispatcher)
     first, second, third = [await raw_client(port) for _ in range(3)]
     await first.send(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -387,23 +368,21 @@ async def test_overflow_beyond_max_connections_and_pending(
     assert breaker.pending == 0 and breaker.connections == 1
 
 
-async def test_max_retries_breaker_stops_retrying(
-    raw_backend, proxy, pools, forward_all, raw_client
-):
+async def test_max_retries_breaker_stops_retrying(raw_backend, proxy, pools, raw_client):
     script = Script([503, 200])
     breaker = CircuitBreaker(max_retries=0)
-    dispatcher = forward_all(pools(await raw_backend(script), breaker=breaker), retry=plan())
+    dispatcher = ForwardAll(pools(await raw_backend(script), breaker=breaker), retry=plan())
     client = await raw_client(await proxy(dispatcher))
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert (await client.read_response()).status == 503
     assert len(script.requests) == 1 and breaker.retries == 0
 
 
-async def test_breaker_counts_return_to_zero(raw_backend, proxy, pools, forward_all, raw_client):
+async def test_breaker_counts_return_to_zero(raw_backend, proxy, pools, raw_client):
     script = Script([503, "reset", 200, 200])
     breaker = CircuitBreaker(max_connections=4)
     pool = pools(await raw_backend(script), breaker=breaker)
-    dispatcher = forward_all(pool, retry=plan(RETRY_RESET | RETRY_STATUS_CODES, attempts=3))
+    dispatcher = ForwardAll(pool, retry=plan(RETRY_RESET | RETRY_STATUS_CODES, attempts=3))
     client = await raw_client(await proxy(dispatcher))
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert (await client.read_response()).status == 200
@@ -413,7 +392,7 @@ async def test_breaker_counts_return_to_zero(raw_backend, proxy, pools, forward_
 
 
 async def test_queued_request_leaves_the_queue_when_its_client_goes(
-    raw_backend, proxy, pools, forward_all, raw_client
+    raw_backend, proxy, pools, raw_client
 ):
     arrived = asyncio.Event()
 
@@ -424,7 +403,7 @@ async def test_queued_request_leaves_the_queue_when_its_client_goes(
 
     breaker = CircuitBreaker(max_connections=1)
     pool = pools(await raw_backend(hold), breaker=breaker)
-    dispatcher = forward_all(pool)
+    dispatcher = ForwardAll(pool)
     port = await proxy(dispatcher)
     first, second = [await raw_client(port) for _ in range(2)]
     await first.send(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -440,7 +419,7 @@ async def test_queued_request_leaves_the_queue_when_its_client_goes(
 
 
 async def test_upstream_idle_connections_close_after_the_idle_timeout(
-    raw_backend, proxy, pools, forward_all, raw_client
+    raw_backend, proxy, pools, raw_client
 ):
     closed = asyncio.Event()
 
@@ -452,7 +431,7 @@ async def test_upstream_idle_connections_close_after_the_idle_timeout(
         closed.set()
 
     pool = pools(await raw_backend(once), idle_timeout=0.1)
-    client = await raw_client(await proxy(forward_all(pool)))
+    client = await raw_client(await proxy(ForwardAll(pool)))
     await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert (await client.read_response()).status == 200
     async with asyncio.timeout(5):
@@ -462,12 +441,12 @@ async def test_upstream_idle_connections_close_after_the_idle_timeout(
 
 # ---------------------------------------------------------------- methods (RFC 9110 §9.2.2)
 async def test_default_policy_never_resends_a_post_that_reached_the_pod(
-    raw_backend, proxy, pools, forward_all, raw_client
+    raw_backend, proxy, pools, raw_client
 ):
     # Istio's implicit default would send this POST three times; a proxy must not retry a
     # non-idempotent request on its own once it may have been processed.
     script = Script([503, 200])
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=DEFAULT)
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=DEFAULT)
     client = await raw_client(await proxy(dispatcher))
     resp = await post(client, b"pay once")
     assert resp.status == 503 and resp.body == b"s503"  # type: ignore[attr-defined]
@@ -478,10 +457,10 @@ async def test_default_policy_never_resends_a_post_that_reached_the_pod(
 
 @pytest.mark.parametrize("method", [b"GET", b"PUT", b"DELETE"])
 async def test_default_policy_resends_idempotent_requests(
-    raw_backend, proxy, pools, forward_all, raw_client, method
+    raw_backend, proxy, pools, raw_client, method
 ):
     script = Script([503, 200])
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=DEFAULT)
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=DEFAULT)
     client = await raw_client(await proxy(dispatcher))
     await client.send(method + b" / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
     assert (await client.read_response()).status == 200
@@ -490,13 +469,11 @@ async def test_default_policy_resends_idempotent_requests(
     assert ex.retries == 1 and ex.replays == 1
 
 
-async def test_explicit_retries_resend_a_post_as_istio_does(
-    raw_backend, proxy, pools, forward_all, raw_client
-):
+async def test_explicit_retries_resend_a_post_as_istio_does(raw_backend, proxy, pools, raw_client):
     asked = RetryPlan.from_policy(RetryPolicy(explicit=True))
     assert asked is not None and asked.explicit and not DEFAULT.explicit  # type: ignore[union-attr]
     script = Script([503, 200])
-    dispatcher = forward_all(pools(await raw_backend(script)), retry=asked)
+    dispatcher = ForwardAll(pools(await raw_backend(script)), retry=asked)
     client = await raw_client(await proxy(dispatcher))
     resp = await post(client, b"again")
     assert resp.status == 200  # type: ignore[attr-defined]
@@ -506,11 +483,11 @@ async def test_explicit_retries_resend_a_post_as_istio_does(
 
 
 async def test_connect_failure_moves_a_post_on_even_by_default(
-    raw_backend, proxy, pools, forward_all, raw_client
+    raw_backend, proxy, pools, raw_client
 ):
     script = Script([200])
     live = pools(await raw_backend(script))
-    dispatcher = forward_all(pools(dead_port()), retry=DEFAULT, next_pool=lambda k: live,
+    dispatcher = ForwardAll(pools(dead_port()), retry=DEFAULT, next_pool=lambda k: live,
                              connect_retries=1)  # fmt: skip
     client = await raw_client(await proxy(dispatcher))
     resp = await post(client, b"sent once")
@@ -520,7 +497,7 @@ async def test_connect_failure_moves_a_post_on_even_by_default(
     assert ex.retries == 1 and ex.replays == 0  # nothing had been sent: not a replay
 
 
-def stale_once_backend(requests: list[bytes]):  # type: ignore[no-untyped-def]
+def stale_once_backend(requests: list[bytes]):
     """Answers the first request of its first connection, then drops that connection as the
     second request arrives (a keep-alive race); answers everything on later connections."""
 
@@ -549,10 +526,10 @@ def stale_once_backend(requests: list[bytes]):  # type: ignore[no-untyped-def]
     ids=["get", "post", "post-default-policy", "post-explicit-reset"],
 )
 async def test_stale_connection_resend_only_when_safe(
-    raw_backend, proxy, pools, forward_all, raw_client, method, retry, resent
+    raw_backend, proxy, pools, raw_client, method, retry, resent
 ):
     requests: list[bytes] = []
-    dispatcher = forward_all(pools(await raw_backend(stale_once_backend(requests))), retry=retry)
+    dispatcher = ForwardAll(pools(await raw_backend(stale_once_backend(requests))), retry=retry)
     client = await raw_client(await proxy(dispatcher))
     await client.send(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
     assert (await client.read_response()).status == 200

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 
@@ -69,6 +69,11 @@ def decide(router: Router, authority: str = "app.test", path: str = "/") -> Rout
     decision = match(router, authority, path)
     assert decision is not None
     return decision
+
+
+def always(value: float) -> Callable[[], float]:
+    """A ``rand`` for ``Router`` that always draws ``value`` (picks a weighted route)."""
+    return lambda: value
 
 
 def short(decision: RouteDecision | None) -> str | None:
@@ -332,8 +337,7 @@ def test_weighted_split_uses_rand_and_skips_zero_weights() -> None:
         """),
     )
     picks = {
-        x: short(match(Router(config, 80, rand=lambda x=x: x)))
-        for x in (0.0, 0.5, 0.749, 0.75, 0.9999)
+        x: short(match(Router(config, 80, rand=always(x)))) for x in (0.0, 0.5, 0.749, 0.75, 0.9999)
     }
     assert picks == {0.0: "a", 0.5: "a", 0.749: "a", 0.75: "b", 0.9999: "b"}
     counts = {"a": 0, "b": 0}
@@ -595,7 +599,7 @@ def test_weighted_routes_carry_every_destinations_hash_policy() -> None:
     )
     both = (CookiePolicy("SID", ttl=10), HeaderPolicy("x-user"))
     for x in (0.1, 0.9):
-        decision = match(Router(config, 80, rand=lambda x=x: x))
+        decision = match(Router(config, 80, rand=always(x)))
         assert decision is not None
         assert decision.hash_policies == both  # Envoy folds both keys, whichever subset
     assert short(match(Router(config, 80, rand=lambda: 0.1))) == "svc"

@@ -15,7 +15,7 @@ from proxy_process import OPS_LOCAL, OPS_PORTS, proxy_process, readiness, sample
 from proxy.demo import PodSet
 from proxy.hashing import RingHash, xxh64
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 
 async def scrape_until(session: aiohttp.ClientSession, port: int, requests: int) -> str:

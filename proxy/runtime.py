@@ -1,0 +1,107 @@
+"""The runtime: everything the request path reads, built from one Config, behind one reference.
+
+This module owns ``Runtime`` (the routers per listener port and a ``ClusterRuntime`` per
+cluster: its spec, its ``Cluster`` of connection pools, circuit breaker, health and stats),
+``build_runtime``, which makes one from a ``Config`` and keeps the clusters of the previous one
+whose spec did not change, and ``RuntimeRef``, the single slot the control plane
+(``proxy.server``) swaps on reload and the request path (``proxy.dispatch``) reads once per
+request. It sits below both of them, so neither imports the other (uvicorn's ``ServerState``
+pattern). Compiled with mypyc (setup.py): the request path reads these objects' attributes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from proxy.cluster import Cluster
+from proxy.config import DEFAULT_LB, ClusterSpec, Config
+from proxy.health import ClusterHealth
+from proxy.routing import Router
+from proxy.upstream import CircuitBreaker, UpstreamPool
+
+if TYPE_CHECKING:
+    from proxy.metrics import ClusterStats, Metrics
+
+
+class ClusterRuntime:
+    """One cluster as the request path sees it: its spec, the live snapshot holder, its stats."""
+
+    __slots__ = ("breaker", "cluster", "health", "spec", "stats", "tasks")
+
+    def __init__(self, spec: ClusterSpec, metrics: Metrics | None = None) -> None:
+        self.spec = spec
+        pool = spec.pool
+        # Envoy's circuit breakers are per cluster: every pool of the cluster shares one.
+        breaker = self.breaker = CircuitBreaker(
+            pool.max_connections, pool.http1_max_pending_requests, pool.max_retries
+        )
+        self.cluster: Cluster[UpstreamPool] = Cluster(
+            spec.name,
+            spec.lb,
+            lambda ep: UpstreamPool(
+                ep.address,
+                ep.port,
+                connect_timeout=pool.connect_timeout,
+                idle_timeout=pool.idle_timeout,
+                max_requests_per_connection=pool.max_requests_per_connection,
+                max_connection_duration=pool.max_connection_duration,
+                breaker=breaker,
+            ),
+            panic_threshold=spec.panic_threshold,
+            on_rebuild=metrics.rebuilt if metrics is not None else None,  # type: ignore[arg-type]
+        )
+        self.stats: ClusterStats | None = metrics.cluster(spec) if metrics is not None else None
+        self.health = ClusterHealth(spec, self.cluster)
+        self.tasks: list[asyncio.Task[None]] = []  # discovery refresh, health checks
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything the request path reads, built from one Config and swapped as one reference."""
+
+    config: Config
+    routers: Mapping[int, Router]
+    clusters: Mapping[str, ClusterRuntime]
+
+
+class RuntimeRef:
+    """The one reference a reload swaps: ``current`` is read once per request.
+
+    A request keeps the ``Runtime`` it read to its end, so it never sees half of two configs.
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: Runtime) -> None:
+        self.current = current
+
+
+def build_runtime(
+    config: Config, metrics: Metrics | None = None, previous: Runtime | None = None
+) -> Runtime:
+    """A Runtime for ``config``, reusing ``previous``'s clusters whose spec is unchanged."""
+    routers = {listener.port: Router(config, listener.port) for listener in config.listeners}
+    old = previous.clusters if previous is not None else {}
+    clusters: dict[str, ClusterRuntime] = {}
+    for name, spec in config.clusters.items():
+        kept = old.get(name)
+        if kept is not None and _identity(kept.spec) == _identity(spec):
+            kept.spec = spec
+            clusters[name] = kept
+        else:
+            clusters[name] = ClusterRuntime(spec, metrics)
+    return Runtime(config, MappingProxyType(routers), MappingProxyType(clusters))
+
+
+def _identity(spec: ClusterSpec) -> tuple[object, ...]:
+    """What a cluster's pools, ring and discovery depend on: a reload that changes nothing else
+    (the hash policy, read from the route on every request; the file it came from) keeps the
+    running cluster with its warm connections."""
+    lb = spec.lb
+    ch = lb.consistent_hash
+    ring = (ch.algorithm, ch.minimum_ring_size, ch.maximum_ring_size, ch.table_size) if ch else ()
+    return (replace(spec, lb=DEFAULT_LB, source=""), lb.simple, ring)
