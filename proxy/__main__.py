@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 
 from proxy import __version__
 from proxy.config import ClusterSpec, Config, ConfigError, StaticEndpoints, load_config
+from proxy.flags import istio_duration, seconds
 
 EXIT_OK = 0
 EXIT_NO_ROUTE = 1
@@ -123,7 +124,7 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "picks a free one)",
     )
     run.add_argument(
-        "--dns-refresh", type=float, default=5.0, metavar="SECONDS", help="DNS refresh (5)"
+        "--dns-refresh", type=seconds, default=5.0, metavar="DURATION", help="DNS refresh (5s)"
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ops = run.add_argument_group("operating it (Istio ingress gateway ports)")
@@ -159,18 +160,18 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     ops.add_argument(
         "--drain-time",
-        type=float,
+        type=seconds,
         default=5.0,
-        metavar="SECONDS",
-        help="on SIGTERM: readiness 503 and keep serving this long (5, Istio's "
-        "terminationDrainDuration)",
+        metavar="DURATION",
+        help="on SIGTERM: readiness 503 and keep serving this long (5s, Istio's "
+        "terminationDrainDuration; durations: 500ms, 5s, 1m or plain seconds)",
     )
     ops.add_argument(
         "--drain-deadline",
-        type=float,
+        type=seconds,
         default=20.0,
-        metavar="SECONDS",
-        help="then wait at most this long for requests in flight (20)",
+        metavar="DURATION",
+        help="then wait at most this long for requests in flight (20s)",
     )
     ops.add_argument(
         "--watch", action="store_true", help="reload when the config files change (SIGHUP too)"
@@ -186,7 +187,9 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     quick = run.add_argument_group("quick mode (no YAML)")
     quick.add_argument("--upstream", action="append", default=[], metavar="HOST:PORT")
     quick.add_argument("--cookie", default="ISTIOID", help="cookie name (default ISTIOID)")
-    quick.add_argument("--ttl", default="60s", help="cookie TTL, Istio duration (default 60s)")
+    quick.add_argument(
+        "--ttl", type=istio_duration, default="60s", metavar="DURATION", help="cookie TTL (60s)"
+    )
     quick.add_argument("--passive", action="store_true", help="never issue the cookie, only read")
     quick.add_argument("--cookie-path", help="Path attribute of the issued cookie")
     quick.add_argument("--header", help="hash on this request header instead of a cookie")
