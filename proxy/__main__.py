@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
@@ -180,7 +181,8 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--workers",
         default="1",
         metavar="N|auto",
-        help="processes serving the same ports with SO_REUSEPORT (1; auto = cores)",
+        help="processes serving the same ports with SO_REUSEPORT (1; auto = the CPUs this "
+        "process may use: its affinity mask and cgroup CPU limit)",
     )
     ops.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     ops.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -205,8 +207,6 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _setup_logging(level: str) -> None:
-    import logging
-
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -267,6 +267,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if loaded is None:
             return EXIT_CONFIG
         config = loaded
+    _setup_logging(args.log_level)
     try:
         admin = _port(args.admin_port, "--admin-port")
         readiness = _port(args.readiness_port, "--readiness-port")
@@ -275,7 +276,6 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as exc:
         print(f"sticky-proxy run: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    _setup_logging(args.log_level)
     if workers > 1:
         from proxy.workers import Supervisor
 
@@ -329,7 +329,11 @@ def _port(text: str, flag: str) -> int | None:
 
 def _workers(text: str) -> int:
     if text == "auto":
-        return os.cpu_count() or 1
+        from proxy.cpus import cpu_budget
+
+        budget = cpu_budget()
+        logging.getLogger("proxy.cpus").info("--workers auto: %d (%s)", budget.count, budget.reason)
+        return budget.count
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"--workers must be a number >= 1 or auto: {text!r}")
     return int(text)
