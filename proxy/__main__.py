@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 
 from proxy import __version__
 from proxy.config import ClusterSpec, Config, ConfigError, StaticEndpoints, load_config
+from proxy.demo_command import add_demo_parser
 from proxy.flags import istio_duration, seconds
 
 EXIT_OK = 0
@@ -35,11 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sticky-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run_parser(sub)
-    demo = sub.add_parser(
-        "demo",
-        help="start demo pods and the proxy (config/, the article's YAML) on 127.0.0.1:8080",
-    )
-    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    add_demo_parser(sub)
 
     check = sub.add_parser(
         "check",
@@ -89,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return _run(args, parser)
     if args.command == "demo":
-        from proxy.demo import run_demo
+        from proxy.demo_command import run_demo
 
         _setup_logging(args.log_level if "log_level" in args else "info")
-        return _run_loop(run_demo(args.port))
+        return _run_loop(run_demo(args))
     if args.command == "check":
         return _check(args.paths)
     if args.command == "route":

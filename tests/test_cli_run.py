@@ -1,4 +1,4 @@
-"""``sticky-proxy run`` and ``sticky-proxy demo`` as a user starts them: real processes."""
+"""``sticky-proxy run`` as a user starts it: real processes."""
 
 from __future__ import annotations
 
@@ -98,8 +98,3 @@ async def test_run_with_a_bad_config_exits_2_naming_the_error(tmp_path: object) 
         _, err = await proc.communicate()
     assert proc.returncode == 2
     assert b"no-such-file.yaml" in err
-
-
-async def test_demo_starts_pods_and_proxy_and_shows_stickiness() -> None:
-    async with process("demo", "--port", "0", ready=r"Ctrl-C stops everything") as (proc, _):
-        assert await stop(proc) == 0
