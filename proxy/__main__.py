@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 from proxy import __version__
 from proxy.config import ClusterSpec, Config, ConfigError, StaticEndpoints, load_config
 from proxy.demo_command import add_demo_parser
-from proxy.flags import istio_duration, seconds
+from proxy.flags import LISTEN_ENV, env_listen, istio_duration, seconds
 
 EXIT_OK = 0
 EXIT_NO_ROUTE = 1
@@ -119,7 +119,7 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         metavar="ADDR:PORT",
         help="listen here instead of 0.0.0.0:<Gateway port> (one per Gateway port; port 0 "
-        "picks a free one)",
+        f"picks a free one; default: ${LISTEN_ENV}, comma-separated, if set)",
     )
     run.add_argument(
         "--dns-refresh", type=seconds, default=5.0, metavar="DURATION", help="DNS refresh (5s)"
@@ -224,10 +224,11 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from proxy.quick import QuickOptions, parse_address, quick_config, quick_yaml
     from proxy.server import RunOptions, run_proxy
 
+    # The container image sets STICKY_PROXY_LISTEN (8080, like Istio's gateway): a non-root
+    # process cannot bind port 80 under podman, --network host or Kubernetes by default.
+    flag, texts = ("--listen", args.listen) if args.listen else (LISTEN_ENV, env_listen())
     try:
-        listen = tuple(
-            parse_address(text, flag="--listen", allow_zero=True) for text in args.listen
-        )
+        listen = tuple(parse_address(text, flag=flag, allow_zero=True) for text in texts)
         upstreams = tuple(parse_address(text) for text in args.upstream)
     except ValueError as exc:
         print(f"sticky-proxy run: {exc}", file=sys.stderr)

@@ -1,20 +1,28 @@
-"""Command-line values that are more than a number: durations.
+"""Command-line values that are more than a number: durations, and defaults from the environment.
 
 Every duration flag (``--drain-time``, ``--drain-deadline``, ``--dns-refresh``, ``--ttl``) takes
 what Istio's YAML takes, Go's ``time.ParseDuration`` syntax (``500ms``, ``5s``, ``1m30s``), and
 plain seconds (``5``, ``0.5``), so a value copied from a DestinationRule or from Istio's
 ``terminationDrainDuration`` works as it is, and so does a bare number. These are argparse
 ``type=`` functions: a bad value is reported by argparse, naming the flag.
+
+``STICKY_PROXY_LISTEN`` stands for ``--listen`` when no ``--listen`` is given: the container
+image sets it to ``0.0.0.0:8080``, as Istio's ingress gateway listens on 8080 for a Gateway's
+port 80, so the image runs as non-root wherever it runs, whatever command line it is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+from collections.abc import Mapping
 
 from proxy.config import DURATION_HINT, parse_duration
 
-__all__ = ["istio_duration", "seconds"]
+__all__ = ["LISTEN_ENV", "env_listen", "istio_duration", "seconds"]
+
+LISTEN_ENV = "STICKY_PROXY_LISTEN"
 
 
 def seconds(text: str) -> float:
@@ -47,3 +55,8 @@ def _plain_seconds(text: str) -> float | None:
         return None
     value = float(body)
     return value if math.isfinite(value) else None
+
+
+def env_listen(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """``$STICKY_PROXY_LISTEN``'s addresses (comma- or space-separated), [] when unset."""
+    return environ.get(LISTEN_ENV, "").replace(",", " ").split()

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from proxy.__main__ import build_parser
-from proxy.flags import istio_duration, seconds
+from proxy.flags import env_listen, istio_duration, seconds
 
 
 @pytest.mark.parametrize(
@@ -72,3 +72,12 @@ def test_a_bad_duration_names_the_flag(capsys: pytest.CaptureFixture[str]) -> No
         build_parser().parse_args(["run", "config/", "--drain-time", "5 s"])
     assert exc.value.code == 2
     assert "argument --drain-time: " in capsys.readouterr().err
+
+
+def test_listen_addresses_from_the_environment() -> None:
+    assert env_listen({}) == []
+    assert env_listen({"STICKY_PROXY_LISTEN": "0.0.0.0:8080"}) == ["0.0.0.0:8080"]
+    assert env_listen({"STICKY_PROXY_LISTEN": " 0.0.0.0:8080, [::]:8443 "}) == [
+        "0.0.0.0:8080",
+        "[::]:8443",
+    ]
