@@ -330,7 +330,10 @@ def _workers(text: str) -> int:
         from proxy.cpus import cpu_budget
 
         budget = cpu_budget()
-        logging.getLogger("proxy.cpus").info("--workers auto: %d (%s)", budget.count, budget.reason)
+        plural = "s" if budget.count != 1 else ""
+        logging.getLogger("proxy.cpus").info(
+            "--workers auto: %d worker%s (%s)", budget.count, plural, budget.reason
+        )
         return budget.count
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"--workers must be a number >= 1 or auto: {text!r}")
