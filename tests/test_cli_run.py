@@ -16,6 +16,10 @@ from proxy.demo import PodSet
 
 pytestmark = pytest.mark.timeout(60)
 
+# No operating ports, no drain time: a stop is quick and nothing else is bound.
+QUIET = ("--admin-port", "off", "--readiness-port", "off", "--metrics-port", "off")
+QUIET += ("--drain-time", "0")
+
 
 @asynccontextmanager
 async def process(*args: str, ready: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
@@ -57,14 +61,7 @@ async def test_quick_mode_serves_sticky_and_exits_0_on_sigterm() -> None:
             *ups,
             "--listen",
             "127.0.0.1:0",
-            "--admin-port",
-            "off",
-            "--readiness-port",
-            "off",
-            "--metrics-port",
-            "off",
-            "--drain-time",
-            "0",
+            *QUIET,
             ready=r"listening on 127\.0\.0\.1:\d+",
         ) as (proc, line):
             port = int(line.rsplit(":", 1)[1])
@@ -105,20 +102,10 @@ async def test_sticky_proxy_listen_stands_for_listen_unless_it_is_given(
 ) -> None:
     # The image sets STICKY_PROXY_LISTEN=0.0.0.0:8080; here a free port on loopback stands in.
     monkeypatch.setenv("STICKY_PROXY_LISTEN", "127.0.0.2:0")
-    off = (
-        "--admin-port",
-        "off",
-        "--readiness-port",
-        "off",
-        "--metrics-port",
-        "off",
-        "--drain-time",
-        "0",
-    )
     async with PodSet(1) as pods:
         upstream = "{}:{}".format(*pods.addresses[0])
         async with process(
-            "run", "--upstream", upstream, *off, ready=r"listening on [\d.]+:\d+"
+            "run", "--upstream", upstream, *QUIET, ready=r"listening on [\d.]+:\d+"
         ) as (proc, line):
             assert re.search(r"listening on 127\.0\.0\.2:\d+$", line.strip()), line
             port = int(line.rsplit(":", 1)[1])
@@ -129,7 +116,7 @@ async def test_sticky_proxy_listen_stands_for_listen_unless_it_is_given(
                 assert (await resp.json())["pod"] == "pod-1"
             assert await stop(proc) == 0
         async with process(
-            "run", "--upstream", upstream, "--listen", "127.0.0.1:0", *off,
+            "run", "--upstream", upstream, "--listen", "127.0.0.1:0", *QUIET,
             ready=r"listening on [\d.]+:\d+",
         ) as (proc, line):  # fmt: skip
             assert "listening on 127.0.0.1:" in line
