@@ -137,11 +137,15 @@ async def run_demo(args: argparse.Namespace) -> int:
     try:
         if args.pods < 1:
             raise ValueError(f"--pods must be at least 1: {args.pods}")
+        pod_ports = _pod_ports(args.pod_port, args.pods)
+        for flag, port in (("--port", args.port), *(("--pod-port", p) for p in pod_ports)):
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{flag}: {port} is not a port number (0 picks a free one)")
         ops = {
             name: _operating_port(getattr(args, flag[2:].replace("-", "_")), flag, host, default)
             for name, flag, default in OPERATING_PORTS
         }
-        pods = PodSet(args.pods, ports=_pod_ports(args.pod_port, args.pods))
+        pods = PodSet(args.pods, ports=pod_ports)
     except ValueError as exc:
         print(f"sticky-proxy demo: {exc}")
         return 2

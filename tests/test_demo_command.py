@@ -18,6 +18,7 @@ import pytest
 import yaml
 from proxy_process import ProxyProcess, sample_sum
 
+from proxy.__main__ import main
 from proxy.demo_command import demo_yaml, port_or_free
 from proxy.istio import load_text
 
@@ -120,3 +121,19 @@ def test_the_wheel_ships_the_demo_yaml(tmp_path: Path) -> None:
     (wheel,) = (tmp_path / "wheels").glob("sticky_proxy-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert "proxy/demo.yaml" in archive.namelist()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pods", "0"], "--pods must be at least 1"),
+        (["--port", "70000"], "--port: 70000 is not a port number"),
+        (["--pod-port", "65535"], "--pod-port: 65536 is not a port number"),
+        (["--admin-port", "x"], "--admin-port must be a port number"),
+    ],
+)
+def test_bad_ports_are_refused_naming_the_flag(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", *flags]) == 2
+    assert message in capsys.readouterr().out
