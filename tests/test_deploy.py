@@ -7,7 +7,7 @@
   the port the image listens on);
 * the image's command line and environment, run from this virtual environment against
   config/compose/, serve sticky traffic with the compose DNS name answered by /etc/hosts in a
-  private mount namespace pointing at three loopback pods (127.0.0.2-4:8080, as three replicas
+  private mount namespace pointing at three loopback pods (127.x.y.2-4:8080, as three replicas
   would be).
 
 The image itself is built and run with podman as docs/deployment.md shows; that needs a
@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -249,7 +250,10 @@ async def test_compose_config_serves_sticky_traffic_through_the_images_command(
 ) -> None:
     if not await _unshare_available():
         pytest.skip("needs `unshare --mount` (root) to give the proxy its own /etc/hosts")
-    replicas = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    # The ServiceEntry fixes port 8080, so the replicas differ by address: three in a /24 of
+    # 127/8 picked at random, so parallel runs of this test (other checkouts) do not collide.
+    net = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}"
+    replicas = [f"{net}.2", f"{net}.3", f"{net}.4"]
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{ip} pods\n" for ip in replicas))
     pods = [PodSet(1, host=ip, ports=[8080], names=[f"replica-{ip}"]) for ip in replicas]
