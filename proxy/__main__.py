@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
@@ -20,8 +21,9 @@ from typing import Any
 
 from proxy import __version__
 from proxy.config import Config, ConfigError
+from proxy.demo_command import add_demo_parser
+from proxy.flags import LISTEN_ENV, env_listen, istio_duration, positive_seconds, seconds
 from proxy.istio import load_config
-from proxy.istio_reader import DURATION_HINT, parse_duration
 
 EXIT_OK = 0
 EXIT_NO_ROUTE = 1
@@ -36,11 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sticky-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run_parser(sub)
-    demo = sub.add_parser(
-        "demo",
-        help="start demo pods and the proxy (config/, the article's YAML) on 127.0.0.1:8080",
-    )
-    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    add_demo_parser(sub)
 
     check = sub.add_parser(
         "check",
@@ -90,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return _run(RunArgs.parse(args), parser)
     if args.command == "demo":
-        from proxy.demo import run_demo
+        from proxy.demo_command import run_demo
 
         _setup_logging(args.log_level if "log_level" in args else "info")
-        return _run_loop(run_demo(args.port))
+        return _run_loop(run_demo(args))
     if args.command == "check":
         return _check(args.paths)
     if args.command == "route":
@@ -120,10 +118,10 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         metavar="ADDR:PORT",
         help="listen here instead of 0.0.0.0:<Gateway port> (one per Gateway port; port 0 "
-        "picks a free one)",
+        f"picks a free one; default: ${LISTEN_ENV}, comma-separated, if set)",
     )
     run.add_argument(
-        "--dns-refresh", type=float, default=5.0, metavar="SECONDS", help="DNS refresh (5)"
+        "--dns-refresh", type=seconds, default=5.0, metavar="DURATION", help="DNS refresh (5s)"
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ops = run.add_argument_group("operating it (Istio ingress gateway ports)")
@@ -159,18 +157,18 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     ops.add_argument(
         "--drain-time",
-        type=float,
+        type=seconds,
         default=5.0,
-        metavar="SECONDS",
-        help="on SIGTERM: readiness 503 and keep serving this long (5, Istio's "
-        "terminationDrainDuration)",
+        metavar="DURATION",
+        help="on SIGTERM: readiness 503 and keep serving this long (5s, Istio's "
+        "terminationDrainDuration; durations: 500ms, 5s, 1m or plain seconds)",
     )
     ops.add_argument(
         "--drain-deadline",
-        type=float,
+        type=seconds,
         default=20.0,
-        metavar="SECONDS",
-        help="then wait at most this long for requests in flight (20)",
+        metavar="DURATION",
+        help="then wait at most this long for requests in flight (20s)",
     )
     ops.add_argument(
         "--watch", action="store_true", help="reload when the config files change (SIGHUP too)"
@@ -179,34 +177,37 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "client timeouts (Istio durations such as 500ms, 60s, 1m, or seconds)"
     )
     limits.add_argument(
-        "--idle-timeout", type=duration_arg, default=75.0, metavar="DURATION",
+        "--idle-timeout", type=positive_seconds, default=75.0, metavar="DURATION",
         help="close a keep-alive connection idle this long (75s)",
     )  # fmt: skip
     limits.add_argument(
-        "--header-timeout", type=duration_arg, default=60.0, metavar="DURATION",
+        "--header-timeout", type=positive_seconds, default=60.0, metavar="DURATION",
         help="408 when a request head is not complete this long after its first byte, or after "
         "a new connection opened (60s)",
     )  # fmt: skip
     limits.add_argument(
-        "--body-timeout", type=duration_arg, default=60.0, metavar="DURATION",
+        "--body-timeout", type=positive_seconds, default=60.0, metavar="DURATION",
         help="408 when a request body makes no progress this long (60s)",
     )  # fmt: skip
     limits.add_argument(
-        "--send-timeout", type=duration_arg, default=60.0, metavar="DURATION",
+        "--send-timeout", type=positive_seconds, default=60.0, metavar="DURATION",
         help="close when the client reads nothing of its response this long (60s)",
     )  # fmt: skip
     ops.add_argument(
         "--workers",
         default="1",
         metavar="N|auto",
-        help="processes serving the same ports with SO_REUSEPORT (1; auto = cores)",
+        help="processes serving the same ports with SO_REUSEPORT (1; auto = the CPUs this "
+        "process may use: its affinity mask and cgroup CPU limit)",
     )
     ops.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     ops.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     quick = run.add_argument_group("quick mode (no YAML)")
     quick.add_argument("--upstream", action="append", default=[], metavar="HOST:PORT")
     quick.add_argument("--cookie", default="ISTIOID", help="cookie name (default ISTIOID)")
-    quick.add_argument("--ttl", default="60s", help="cookie TTL, Istio duration (default 60s)")
+    quick.add_argument(
+        "--ttl", type=istio_duration, default="60s", metavar="DURATION", help="cookie TTL (60s)"
+    )
     quick.add_argument("--passive", action="store_true", help="never issue the cookie, only read")
     quick.add_argument("--cookie-path", help="Path attribute of the issued cookie")
     quick.add_argument("--header", help="hash on this request header instead of a cookie")
@@ -314,23 +315,7 @@ def worker_argv(
     return run_argv(worker)
 
 
-def duration_arg(text: str) -> float:
-    """Seconds from an Istio/Go duration (``500ms``, ``1m30s``) or a plain number of seconds."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            seconds = parse_duration(text) / 1e9
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{exc} ({DURATION_HINT}, or seconds)") from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
-    return seconds
-
-
 def _setup_logging(level: str) -> None:
-    import logging
-
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -352,10 +337,11 @@ def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
     from proxy.quick import QuickOptions, parse_address, quick_config, quick_yaml
     from proxy.server import RunOptions, run_proxy
 
+    # The container image sets STICKY_PROXY_LISTEN (8080, like Istio's gateway): a non-root
+    # process cannot bind port 80 under podman, --network host or Kubernetes by default.
+    flag, texts = ("--listen", args.listen) if args.listen else (LISTEN_ENV, env_listen())
     try:
-        listen = tuple(
-            parse_address(text, flag="--listen", allow_zero=True) for text in args.listen
-        )
+        listen = tuple(parse_address(text, flag=flag, allow_zero=True) for text in texts)
         upstreams = tuple(parse_address(text) for text in args.upstream)
     except ValueError as exc:
         print(f"sticky-proxy run: {exc}", file=sys.stderr)
@@ -392,6 +378,7 @@ def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
         if loaded is None:
             return EXIT_CONFIG
         config = loaded
+    _setup_logging(args.log_level)
     try:
         admin = _port(args.admin_port, "--admin-port")
         readiness = _port(args.readiness_port, "--readiness-port")
@@ -400,7 +387,6 @@ def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
     except ValueError as exc:
         print(f"sticky-proxy run: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    _setup_logging(args.log_level)
     if workers > 1:
         from proxy.workers import Supervisor
 
@@ -460,7 +446,14 @@ def _port(text: str, flag: str) -> int | None:
 
 def _workers(text: str) -> int:
     if text == "auto":
-        return os.cpu_count() or 1
+        from proxy.cpus import cpu_budget
+
+        budget = cpu_budget()
+        plural = "s" if budget.count != 1 else ""
+        logging.getLogger("proxy.cpus").info(
+            "--workers auto: %d worker%s (%s)", budget.count, plural, budget.reason
+        )
+        return budget.count
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"--workers must be a number >= 1 or auto: {text!r}")
     return int(text)

@@ -7,9 +7,10 @@ article's app that logs its hostname, every pod here answers JSON carrying its n
 ``X-Pod`` header), so a browser, ``curl``, the tests and the locust run can all see which pod
 served each request and count how many each one got.  The same module is:
 
-* the backends of ``sticky-proxy demo`` and of the end-to-end tests (:class:`PodSet` starts N pods
-  on 127.0.0.1 and can stop one and start it again *on the same port*, which is how health
-  checking, outlier detection and re-homing of sessions are tested with real sockets);
+* the backends of ``sticky-proxy demo`` (``proxy.demo_command``) and of the end-to-end tests
+  (:class:`PodSet` starts N pods on 127.0.0.1 and can stop one and start it again *on the same
+  port*, which is how health checking, outlier detection and re-homing of sessions are tested
+  with real sockets);
 * the container image of the compose/Kubernetes example: ``python -m proxy.demo --port 8080``
   names the pod after the hostname, which is the pod name in Kubernetes.
 
@@ -38,14 +39,9 @@ import signal
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 
-import aiohttp
 from aiohttp import WSMsgType, web
-
-from proxy.config import Config, ConfigError, StaticEndpoints
-from proxy.istio import load_config
 
 logger = logging.getLogger("proxy.demo")
 
@@ -402,82 +398,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-# --------------------------------------------------------------------------- sticky-proxy demo
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config"
-
-
-async def _show(url: str) -> list[str]:
-    """Three requests as a browser would make them: the cookie arrives, then sticks."""
-    lines: list[str] = []
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
-        for i in range(3):
-            async with session.get(url, headers={"Host": "test.com"}) as resp:
-                body = await resp.json()
-                cookie = resp.headers.get("Set-Cookie", "-")
-                lines.append(
-                    f"  request {i + 1}: {resp.status} from {body['pod']}, set-cookie: {cookie}"
-                )
-    return lines
-
-
-def _demo_pods(config: Config) -> list[tuple[str, int]]:
-    """The static endpoints of the example config: the demo starts a pod on each."""
-    found = {
-        (ep.address, ep.port)
-        for spec in config.clusters.values()
-        if isinstance(spec.endpoints, StaticEndpoints)
-        for ep in spec.endpoints.endpoints
-    }
-    return sorted(found)
-
-
-async def run_demo(port: int = 8080, config_dir: Path = DEMO_CONFIG) -> int:
-    """``sticky-proxy demo``: ``run config/`` on 127.0.0.1:PORT plus a demo pod per endpoint."""
-    from proxy.server import Proxy, RunOptions
-
-    try:
-        config = load_config([str(config_dir)])
-    except ConfigError as exc:
-        print(f"sticky-proxy demo: {config_dir}: {exc}")
-        return 1
-    addresses = _demo_pods(config)
-    hosts = {host for host, _ in addresses}
-    if len(hosts) != 1:
-        print(f"sticky-proxy demo: expected static endpoints on one host, got {sorted(hosts)}")
-        return 1
-    try:
-        pods = PodSet(len(addresses), host=hosts.pop(), ports=[p for _, p in addresses])
-        await pods.__aenter__()
-    except OSError as exc:
-        print(f"sticky-proxy demo: cannot start the demo pods on {addresses}: {exc}")
-        return 1
-    try:
-        proxy = Proxy(config, RunOptions(listen=(("127.0.0.1", port),), drain_time=0))
-        try:
-            await proxy.start()
-        except OSError as exc:
-            print(f"sticky-proxy demo: cannot listen on 127.0.0.1:{port}: {exc}")
-            await proxy.stop(grace=0)
-            return 1
-        proxy.handle_signals()
-        url = "http://{}:{}/".format(*proxy.addresses[0])
-        print(f"\nsticky-proxy demo: the proxy on {url} serves {config_dir}/ (the article's")
-        print("Gateway, VirtualService and DestinationRule; a ServiceEntry for the pods):")
-        for name, (host, p) in zip(pods.names, pods.addresses, strict=True):
-            print(f"  {name} on {host}:{p}")
-        print("A first visit gets the ISTIOID cookie; later visits carrying it stay on one pod:")
-        for line in await _show(url):
-            print(line)
-        print("\nTry it yourself (the cookie jar keeps the session; delete it for a new one):")
-        print(f"  curl -s -H 'Host: test.com' -c /tmp/sticky.jar -b /tmp/sticky.jar {url}")
-        print(f"  curl -si -H 'Host: test.com' {url}     # a new visitor: Set-Cookie")
-        print(f"  curl -s -H 'Host: test.com' -H 'Cookie: ISTIOID=alice' {url}")
-        print("  sticky-proxy route config/ --host test.com --cookie ISTIOID=alice  # which pod?")
-        print("Ctrl-C stops everything.\n", flush=True)
-        await proxy.run_until_signalled()
-    finally:
-        await pods.close()
-    return 0

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from proxy.admin import admin_app, metrics_app, readiness_app, start_app
-from proxy.config import Config, ConfigError, Endpoint
+from proxy.config import Config, ConfigError, DnsEndpoints, Endpoint
 from proxy.discovery import DEFAULT_DNS_REFRESH, DiscoveryError, EndpointWatcher
 from proxy.dispatch import Dispatcher
 from proxy.exchange import ServerSettings
@@ -118,10 +118,12 @@ class Proxy:
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
         self.started = False
+        self.warm = False  # every cluster of the first configuration has had an endpoint
         self.draining = False
         self.stopping = asyncio.Event()
         self._hurry = asyncio.Event()  # cut the drain time short (SIGINT, second signal)
         self._signals = False
+        self._cold_logged = False
 
     @property
     def addresses(self) -> list[Address]:
@@ -140,7 +142,7 @@ class Proxy:
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining
+        return self.started and self.warm and not self.draining
 
     def exposition(self) -> bytes:
         """The Prometheus text of this process (gauges refreshed from the live snapshots)."""
@@ -169,10 +171,7 @@ class Proxy:
             # Workers: nobody scrapes this process, so keep the scrape-time gauges fresh.
             self._tasks.append(asyncio.create_task(self._refresh_every(1.0)))
         self.started = True
-        if self.options.ready_fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(self.options.ready_fd, b"ready\n")
-                os.close(self.options.ready_fd)
+        self._check_warm()
 
     async def _start_discovery(self, clusters: Iterable[ClusterRuntime]) -> None:
         clusters = list(clusters)
@@ -216,6 +215,44 @@ class Proxy:
         )
         for pool in removed:
             self._tasks.append(asyncio.create_task(pool.close()))
+        self._check_warm()
+
+    def _check_warm(self) -> None:
+        """Envoy's cluster warming: not ready until every cluster has had an endpoint.
+
+        A proxy whose cluster has no endpoint at all can only answer 503 (a DNS name that does
+        not resolve, a ServiceEntry for pods that are not there), so readiness stays 503 and the
+        log says which cluster waits for what. Once warm it stays warm: a cluster emptied later
+        (its pods scaled to zero) must not take the other clusters' traffic away by failing
+        readiness. A worker tells the supervisor it is ready only from here on.
+        """
+        if self.warm or not self.started:
+            return
+        cold = [crt for crt in self.runtime.clusters.values() if not crt.cluster.snapshot.endpoints]
+        if cold:
+            if not self._cold_logged:
+                self._cold_logged = True
+                for crt in cold:
+                    source = crt.spec.endpoints
+                    where = (
+                        f"DNS {' '.join(t.key for t in source.targets)}: no address yet"
+                        if isinstance(source, DnsEndpoints)
+                        else "no static endpoint configured"
+                    )
+                    log.warning(
+                        "cluster %s has no endpoint (%s): readiness stays 503 and its requests "
+                        "get 503 'no healthy upstream' until it has one",
+                        crt.spec.name,
+                        where,
+                    )
+            return
+        self.warm = True
+        if self._cold_logged:
+            log.info("every cluster has an endpoint: ready")
+        if self.options.ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.options.ready_fd, b"ready\n")
+                os.close(self.options.ready_fd)
 
     def _listen_addresses(self) -> list[tuple[str, int, int]]:
         """(bind host, port, gateway port) for each listener."""
@@ -295,6 +332,7 @@ class Proxy:
             ]
             await self._start_discovery(added)  # the first request on a new cluster finds endpoints
             self.ref.current = runtime  # the swap: requests from here on see the new config
+            self._check_warm()
             gone = [
                 crt for name, crt in old.clusters.items() if runtime.clusters.get(name) is not crt
             ]

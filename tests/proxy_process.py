@@ -18,6 +18,8 @@ from pathlib import Path
 
 import aiohttp
 
+from proxy.demo_command import demo_yaml
+
 ROOT = Path(__file__).parent.parent
 OPS_PORTS = ("--admin-port", "0", "--readiness-port", "0", "--metrics-port", "0")
 OPS_LOCAL = ("--ops-address", "127.0.0.1")
@@ -142,16 +144,7 @@ spec:
 
 def article_yaml(pods: list[tuple[str, int]], cookie: str = "ISTIOID") -> str:
     """The article's Gateway/VirtualService/DestinationRule plus a ServiceEntry for ``pods``."""
-    article = (ROOT / "config" / "sticky.yaml").read_text().replace("ISTIOID", cookie)
-    endpoints = "".join(f"  - address: {h}\n    ports:\n      http: {p}\n" for h, p in pods)
-    return (
-        article
-        + "\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
-        + "metadata:\n  name: test2-bwce-srv\nspec:\n"
-        + "  hosts:\n  - test2-bwce-srv.default.svc.cluster.local\n"
-        + "  ports:\n  - number: 8080\n    name: http\n    protocol: HTTP\n"
-        + f"  resolution: STATIC\n  endpoints:\n{endpoints}"
-    )
+    return demo_yaml(pods).replace("ISTIOID", cookie)
 
 
 async def eventually(predicate: Callable[[], bool], within: float = 10) -> None:

@@ -1,4 +1,4 @@
-"""``sticky-proxy run`` and ``sticky-proxy demo`` as a user starts them: real processes."""
+"""``sticky-proxy run`` as a user starts it: real processes."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ import pytest
 from proxy.demo import PodSet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+# No operating ports, no drain time: a stop is quick and nothing else is bound.
+QUIET: tuple[str, ...] = ("--admin-port", "off", "--readiness-port", "off", "--metrics-port", "off")
+QUIET += ("--drain-time", "0")
 
 
 @asynccontextmanager
@@ -57,14 +61,7 @@ async def test_quick_mode_serves_sticky_and_exits_0_on_sigterm() -> None:
             *ups,
             "--listen",
             "127.0.0.1:0",
-            "--admin-port",
-            "off",
-            "--readiness-port",
-            "off",
-            "--metrics-port",
-            "off",
-            "--drain-time",
-            "0",
+            *QUIET,
             ready=r"listening on 127\.0\.0\.1:\d+",
         ) as (proc, line):
             port = int(line.rsplit(":", 1)[1])
@@ -100,6 +97,36 @@ async def test_run_with_a_bad_config_exits_2_naming_the_error(tmp_path: object) 
     assert b"no-such-file.yaml" in err
 
 
-async def test_demo_starts_pods_and_proxy_and_shows_stickiness() -> None:
-    async with process("demo", "--port", "0", ready=r"Ctrl-C stops everything") as (proc, _):
-        assert await stop(proc) == 0
+async def test_sticky_proxy_listen_stands_for_listen_unless_it_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The image sets STICKY_PROXY_LISTEN=0.0.0.0:8080; here a free port on loopback stands in.
+    monkeypatch.setenv("STICKY_PROXY_LISTEN", "127.0.0.2:0")
+    async with PodSet(1) as pods:
+        upstream = "{}:{}".format(*pods.addresses[0])
+        async with process(
+            "run", "--upstream", upstream, *QUIET, ready=r"listening on [\d.]+:\d+"
+        ) as (proc, line):
+            assert re.search(r"listening on 127\.0\.0\.2:\d+$", line.strip()), line
+            port = int(line.rsplit(":", 1)[1])
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.2:{port}/") as resp,
+            ):
+                assert (await resp.json())["pod"] == "pod-1"
+            assert await stop(proc) == 0
+        async with process(
+            "run", "--upstream", upstream, "--listen", "127.0.0.1:0", *QUIET,
+            ready=r"listening on [\d.]+:\d+",
+        ) as (proc, line):  # fmt: skip
+            assert "listening on 127.0.0.1:" in line
+            assert await stop(proc) == 0
+        monkeypatch.setenv("STICKY_PROXY_LISTEN", "nowhere")
+        bad = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "run", "--upstream", upstream,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(20):
+            _, err = await bad.communicate()
+        assert bad.returncode == 2
+        assert b"STICKY_PROXY_LISTEN 'nowhere': expected HOST:PORT" in err

@@ -3,16 +3,25 @@
 * the Dockerfile passes hadolint, copies paths that exist, and its ENTRYPOINT + CMD is a
   command line the CLI accepts;
 * compose.yaml and config/k8s/*.yaml parse, and their references hold (labels and selectors,
-  named ports and probes, mounted paths, the ConfigMap's Istio YAML, drain vs grace period);
-* the image's command line, run from this virtual environment against config/compose/, serves
-  sticky traffic with the compose DNS name answered by /etc/hosts in a private mount namespace
-  pointing at three loopback pods (127.0.0.2-4:8080, as three replicas would be).
+  named ports and probes, mounted paths, the ConfigMap's Istio YAML, drain vs grace period,
+  the port the image listens on);
+* the image's command line and environment, run from this virtual environment against
+  config/compose/, serve sticky traffic with the compose DNS name answered by /etc/hosts in a
+  private mount namespace pointing at three loopback pods (127.x.y.2-4:8080, as three replicas
+  would be).
+
+The image itself is built and run with podman as docs/deployment.md shows; that needs a
+container runtime and is not part of the test suite.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
+import random
+import re
 import shlex
 import shutil
 import signal
@@ -32,6 +41,7 @@ from proxy.istio import load_text
 
 ROOT = Path(__file__).resolve().parent.parent
 HADOLINT = Path(sys.executable).parent / "hadolint"
+SPARE = 5  # seconds a grace period keeps beyond the drain, before the runtime's SIGKILL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -62,6 +72,15 @@ def docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def image_env() -> dict[str, str]:
+    return dict(shlex.split(args)[0].split("=", 1) for args in instruction("ENV"))
+
+
+def drain(args: argparse.Namespace) -> float:
+    """How long the proxy may take to stop after SIGTERM: drain time + deadline."""
+    return float(args.drain_time) + float(args.drain_deadline)
+
+
 def k8s() -> dict[tuple[str, str], dict[str, Any]]:
     found: dict[tuple[str, str], dict[str, Any]] = {}
     for path in sorted((ROOT / "config" / "k8s").glob("*.yaml")):
@@ -87,9 +106,24 @@ def test_dockerfile_copies_what_exists_and_runs_as_non_root() -> None:
         for source in sources:
             assert (ROOT / source).exists(), source
     assert instruction("USER") == ["10001"]
+    # An unprivileged port, as Istio's gateway uses, so no runtime needs to lower
+    # net.ipv4.ip_unprivileged_port_start; the environment variable holds for any CMD.
+    listen = image_env()["STICKY_PROXY_LISTEN"]
+    port = int(listen.rsplit(":", 1)[1])
+    assert port >= 1024
     exposed = {int(p) for args in instruction("EXPOSE") for p in args.split()}
-    assert {80, 15021, 15090} <= exposed
-    assert any("15021/healthz/ready" in args for args in instruction("HEALTHCHECK"))
+    assert exposed == {port, 15021, 15090}
+    (healthcheck,) = instruction("HEALTHCHECK")
+    assert json.loads(healthcheck.split(" CMD ", 1)[1]) == ["python", "-m", "proxy.healthcheck"]
+    assert (ROOT / "proxy" / "healthcheck.py").exists()
+
+
+def test_dockerfile_tells_the_stop_timeout_the_drain_needs() -> None:
+    defaults = build_parser().parse_args(json.loads(instruction("CMD")[0]))
+    text = (ROOT / "Dockerfile").read_text()
+    timeout = int(re.search(r"--stop-timeout (\d+)", text).group(1))  # type: ignore[union-attr]
+    assert timeout >= drain(defaults) + SPARE
+    assert f"-t {timeout}" in text and f"stop_grace_period: {timeout}s" in text
 
 
 def test_image_command_line_is_accepted_by_the_cli() -> None:
@@ -102,7 +136,13 @@ def test_image_command_line_is_accepted_by_the_cli() -> None:
     baked = [shlex.split(a) for a in instruction("COPY") if a.endswith("/etc/sticky-proxy/")]
     assert baked, "the example config is baked into /etc/sticky-proxy"
     text = "\n---\n".join((ROOT / src).read_text() for src in baked[0][:-1])
-    assert load_text(text).listeners[0].port == 80
+    config = load_text(text)
+    assert config.listeners[0].port == 80
+    # No ServiceEntry: the service is found through DNS, as in Kubernetes (config/k8s); in a
+    # plain container it does not resolve, and readiness stays 503 saying so.
+    (cluster,) = config.clusters.values()
+    targets = [t.address for t in cluster.endpoints.targets]  # type: ignore[union-attr]
+    assert targets == ["test2-bwce-srv.default.svc.cluster.local"]
 
 
 def test_compose_file_references_hold() -> None:
@@ -117,7 +157,15 @@ def test_compose_file_references_hold() -> None:
     assert args.paths == ["/etc/sticky-proxy"]
     assert (ROOT / "config" / "compose").is_dir()
     ports = {p.split(":")[1] for p in proxy["ports"]}
-    assert ports == {"80", "15021", "15090"}
+    listen_port = image_env()["STICKY_PROXY_LISTEN"].rsplit(":", 1)[1]
+    assert ports == {listen_port, "15021", "15090"}
+    # Demo pods serve no readiness port: they need a check of their own.
+    probe = pods["healthcheck"]["test"]
+    assert isinstance(probe, str)  # podman-compose 1.0 mangles a list test when replicas > 1
+    assert f"127.0.0.1:{pods['entrypoint'][-1]}/healthz" in probe
+    # SIGKILL comes after the drain, not during it.
+    grace = proxy["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) >= drain(args) + SPARE, grace
     # The ServiceEntry points at the compose service name, on the port the pods listen on.
     config = load_text(
         (ROOT / "config/compose/serviceentry.yaml").read_text()
@@ -171,9 +219,10 @@ def test_kubernetes_manifests_references_hold() -> None:
     assert named["http"] == listen_port  # the Service maps 80 -> the port the proxy binds
     assert service["spec"]["ports"][0]["port"] == 80
     assert named["status"] == 15021 and named["metrics"] == 15090
-    for probe in ("readinessProbe", "livenessProbe"):
-        get = container[probe]["httpGet"]
-        assert get["path"] == "/healthz/ready" and named[get["port"]] == 15021
+    get = container["readinessProbe"]["httpGet"]
+    assert get["path"] == "/healthz/ready" and named[get["port"]] == 15021
+    # Readiness is 503 while warming and draining; a liveness probe there would restart it.
+    assert "livenessProbe" not in container
     annotations = proxy["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(named["metrics"])
 
@@ -181,7 +230,10 @@ def test_kubernetes_manifests_references_hold() -> None:
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     pre_stop_seconds = float(pre_stop[-1].rsplit("(", 1)[1].rstrip(")"))
     grace = proxy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert pre_stop_seconds + float(args.drain_time) + float(args.drain_deadline) <= grace
+    assert pre_stop_seconds + drain(args) + SPARE <= grace
+    # --workers auto counts the CPU limit; without one it would be every core of the node.
+    if args.workers == "auto":
+        assert "cpu" in container["resources"]["limits"]
 
 
 async def _unshare_available() -> bool:
@@ -198,24 +250,22 @@ async def test_compose_config_serves_sticky_traffic_through_the_images_command(
 ) -> None:
     if not await _unshare_available():
         pytest.skip("needs `unshare --mount` (root) to give the proxy its own /etc/hosts")
-    replicas = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    # The ServiceEntry fixes port 8080, so the replicas differ by address: three in a /24 of
+    # 127/8 picked at random, so parallel runs of this test (other checkouts) do not collide.
+    net = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}"
+    replicas = [f"{net}.2", f"{net}.3", f"{net}.4"]
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{ip} pods\n" for ip in replicas))
     pods = [PodSet(1, host=ip, ports=[8080], names=[f"replica-{ip}"]) for ip in replicas]
     for podset in pods:
         await podset.__aenter__()
-    # The image's command line (ENTRYPOINT + compose's command), listening on a free port.
-    command = [
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        str(ROOT / "config" / "compose"),
-        "--dns-refresh",
-        "2",
-        "--listen",
-        "127.0.0.1:0",
-    ]
+    # The image's command line (ENTRYPOINT + compose's command) and environment, with
+    # STICKY_PROXY_LISTEN on a free loopback port instead of the image's 0.0.0.0:8080.
+    compose_command = docs(ROOT / "compose.yaml")[0]["services"]["proxy"]["command"]
+    assert compose_command[:2] == ["run", "/etc/sticky-proxy"]
+    command = [sys.executable, "-m", "proxy", "run", str(ROOT / "config" / "compose")]
+    command += compose_command[2:]
+    env = {**os.environ, **image_env(), "STICKY_PROXY_LISTEN": "127.0.0.1:0"}
     script = f"mount --bind {shlex.quote(str(hosts))} /etc/hosts && exec {shlex.join(command)}"
     proc = await asyncio.create_subprocess_exec(
         "unshare",
@@ -225,6 +275,7 @@ async def test_compose_config_serves_sticky_traffic_through_the_images_command(
         script,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        env=env,
     )
     try:
         assert proc.stdout is not None

@@ -12,8 +12,8 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from proxy.__main__ import duration_arg
 from proxy.exchange import ServerSettings
+from proxy.flags import positive_seconds
 from proxy.istio import load_text
 
 pytestmark = pytest.mark.timeout(30)
@@ -30,13 +30,13 @@ def test_defaults_are_nginx_s() -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("2", 2.0), ("1m", 60.0),
                                                ("1.5", 1.5), ("1m30s", 90.0)])  # fmt: skip
 def test_duration_flags_take_istio_durations_and_seconds(text: str, seconds: float) -> None:
-    assert duration_arg(text) == seconds
+    assert positive_seconds(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["abc", "0", "-1s", "5 s", ""])
 def test_duration_flags_refuse_nonsense(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
-        duration_arg(text)
+        positive_seconds(text)
 
 
 async def test_a_connection_that_never_sends_a_byte_is_closed(
