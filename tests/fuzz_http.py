@@ -1297,7 +1297,7 @@ class Harness:
     def run(self, case: Case) -> list[str]:
         self.cases += 1
         self.call(self._reset())
-        self.errors.records.clear()
+        self.proxy_errors()
         case = Case([replace(r) for r in case.requests], case.cuts, case.half_close)
         data, req_markers, smuggled = render(case, self._markers)
         outcome = send_case(self.port, case, data)
@@ -1308,8 +1308,14 @@ class Harness:
         self.backend.seen.pop(probe_marker, None)
         problems = check(case, req_markers, smuggled, outcome, self.backend)
         problems += probe
-        problems += [f"the proxy logged an ERROR: {r}" for r in self.errors.records]
+        problems += [f"the proxy logged an ERROR: {r}" for r in self.proxy_errors()]
         return problems
+
+    def proxy_errors(self) -> list[str]:
+        """ERROR records the proxy logged since the last case (in-process: its loggers)."""
+        records = list(self.errors.records)
+        self.errors.records.clear()
+        return records
 
     async def _reset(self) -> None:
         await self.backend.quiet()
