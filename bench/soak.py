@@ -17,11 +17,12 @@ close soon after the load stops. The load, all at once until the time is up:
     kill     every 60 s one pod (in turn) gets SIGKILL and is started again 3 s later on its port
 
 An error is *caused by the kill* when it happened between a kill and 3 s after that pod's
-restart, on a request to that pod or to a pod not known yet; it is then retried once, and
-counted as retried away when the retry succeeds. Every other error (and every sticky request
-that moved outside a kill window) is *other*: there should be none. At the end the clients stop,
-the idle upstream connections time out, and the proxy's open file descriptors must be what they
-were before the load; its RSS is shown before the load, after the first minute and at the end.
+restart, on a request to that pod or to a pod not known yet; the client then retries it up to
+three times, 0.5 s apart, and it counts as retried away when a retry succeeds. Every other
+error (and every sticky request that moved outside a kill window) is *other*: there should be
+none. At the end the clients stop, the idle upstream connections time out, and the proxy's open
+file descriptors must be what they were before the load; its RSS is shown before the load,
+after the first minute and at the end.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ RELOAD_EVERY = 10.0
 KILL_EVERY = 60.0
 DOWN_FOR = 3.0  # a killed pod is started again after this long
 GRACE = 3.0  # errors up to this long after the restart still count as the kill's
+RETRIES = 3  # a client retries a request that failed because of a kill this many times
+RETRY_PAUSE = 0.5
 IDLE_TIMEOUT = 5  # connectionPool.http.idleTimeout in the YAML, seconds
 BIG = 4 * 1024 * 1024
 ECHO = 1024 * 1024
@@ -188,7 +191,7 @@ Operation = Callable[[], Awaitable[str | None]]  # returns the pod that answered
 
 
 async def attempt(stats: Stats, kind: str, op: Operation, pod: Callable[[], str | None]) -> None:
-    """Run ``op``; on an error caused by a kill, retry it once."""
+    """Run ``op``; after an error caused by a kill, retry it like a client would."""
     started = time.monotonic()
     try:
         await op()
@@ -200,13 +203,18 @@ async def attempt(stats: Stats, kind: str, op: Operation, pod: Callable[[], str 
         stats.add_other(kind, error)
         return
     stats.kill_errors[kind] += 1
-    try:
-        await op()
+    for _ in range(RETRIES):
+        await asyncio.sleep(RETRY_PAUSE)  # a client's back-off: the pause is the point
+        try:
+            await op()
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            continue
         stats.done[kind] += 1
         stats.retried_away += 1
-    except Exception as exc:
-        stats.not_recovered += 1
-        stats.add_other(kind + " (retry after a kill)", f"{type(exc).__name__}: {exc}")
+        return
+    stats.not_recovered += 1
+    stats.add_other(f"{kind} (still failing after {RETRIES} retries)", error)
 
 
 # =========================================================================== the clients
@@ -306,6 +314,8 @@ async def big_client(url: str, stats: Stats, stop: asyncio.Event, turn: int) -> 
             pod[0] = None
             async with session.post(url + "/upload", data=payload, headers=HEADERS) as resp:
                 pod[0] = resp.headers.get("X-Pod")
+                if resp.status != 200:
+                    raise Failure(f"upload: {resp.status} {(await resp.read())[:200]!r}")
                 answer = await resp.json()
                 if answer.get("received") != BIG or answer.get("sha256") != digest:
                     raise Failure(f"upload: {resp.status} {answer!r}")

@@ -222,20 +222,22 @@ def test_upgrade_request_body_is_its_body(
     assert_holds(harness, case)
 
 
-def _best_of(harness: Harness, cookie: bytes, runs: int = 5) -> float:
-    """The fastest of ``runs`` requests carrying ``cookie`` (the least disturbed by load)."""
+def _least_cpu(harness: Harness, cookie: bytes, runs: int = 5) -> float:
+    """The least CPU time the proxy's loop thread spent on one of ``runs`` requests carrying
+    ``cookie`` (CPU time, not wall time: other processes on the machine do not count)."""
+    clock = time.pthread_getcpuclockid(harness.thread.ident or 0)
     data = b"GET / HTTP/1.1\r\nHost: test.com\r\nCookie: %s\r\nConnection: close\r\n\r\n" % cookie
-    best = float("inf")
+    least = float("inf")
     for _ in range(runs):
-        started = time.perf_counter()
         with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as sock:
+            before = time.clock_gettime(clock)
             sock.sendall(data)
             answer = b""
             while chunk := sock.recv(65536):
                 answer += chunk
-        best = min(best, time.perf_counter() - started)
+            least = min(least, time.clock_gettime(clock) - before)
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
-    return best
+    return least
 
 
 @pytest.mark.xfail(reason="issue 18: quadratic cookie scan", strict=True)
@@ -243,10 +245,11 @@ def test_cookie_scan_is_linear(harness: Harness) -> None:
     """56 KB of "ISTIOID" with no "=" costs no more than 56 KB of a name that never matches.
 
     Today each occurrence re-scans the text before it: 8,000 of them cost about 20 ms of the
-    proxy's CPU against about 1 ms for the control line.
+    proxy's CPU against about 1 ms for the control line (the loop thread runs the backend too,
+    which does the same work for both).
     """
-    control = _best_of(harness, b"XSTIOIX" * 8000)
-    hostile = _best_of(harness, b"ISTIOID" * 8000)
-    pieces = _best_of(harness, b"; ".join([b"ISTIOID"] * 6000))
-    assert hostile < 3 * control + 0.003, (hostile, control)
-    assert pieces < 3 * control + 0.003, (pieces, control)
+    control = _least_cpu(harness, b"XSTIOIX" * 8000)
+    hostile = _least_cpu(harness, b"ISTIOID" * 8000)
+    pieces = _least_cpu(harness, b"; ".join([b"ISTIOID"] * 6000))
+    assert hostile < 3 * control + 0.002, (hostile, control)
+    assert pieces < 3 * control + 0.002, (pieces, control)
