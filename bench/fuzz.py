@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
 import random
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -50,6 +52,29 @@ def process_figures(pid: int) -> tuple[float, int]:
     return rss_kb / 1024, len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
+def open_sockets(pid: int) -> list[str]:
+    """The TCP sockets a process holds, as "local -> remote state" (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    states = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+    found = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        if parts[9] in inodes:
+            local, remote = (_address(x) for x in parts[1:3])
+            found.append(f"{local} -> {remote} {states.get(parts[3], parts[3])}")
+    return found
+
+
+def _address(hex_address: str) -> str:
+    ip, port = hex_address.split(":")
+    return f"{socket.inet_ntoa(bytes.fromhex(ip)[::-1])}:{int(port, 16)}"
+
+
 class ProcessHarness(Harness):
     """The harness with the proxy in a subprocess; its ERROR lines are the logged errors."""
 
@@ -65,6 +90,8 @@ class ProcessHarness(Harness):
         self.write_config(self.config_dir)
         self.process = self.call(self._start())
         self.port = self.call(self.process.port(""))
+        for name in ("admin", "readiness", "metrics"):
+            self.call(self.process.port(name))  # every listener is open before the first count
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -106,6 +133,7 @@ def run(minutes: float, include_known: bool, first_seed: int) -> int:
         assert harness.process is not None
         pid = harness.process.proc.pid
         rss0, fds0 = process_figures(pid)
+        sockets0 = open_sockets(pid)
         print(
             f"proxy pid {pid} ({'compiled' if compiled() else 'interpreted'} build) on port "
             f"{harness.port}: RSS {rss0:.1f} MB, {fds0} fds at the start"
@@ -165,6 +193,8 @@ def run(minutes: float, include_known: bool, first_seed: int) -> int:
             f"proxy RSS {rss0:.1f} -> {rss1:.1f} MB, fds {fds0} -> {fds1} "
             f"(backend connections open: {harness.backend.connections})"
         )
+        for sock in sorted(set(open_sockets(pid)) - set(sockets0)):
+            print(f"  open at the end, not at the start: {sock}")
     return 1 if failures else 0
 
 

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fuzz import process_figures  # noqa: E402
+from fuzz import open_sockets, process_figures  # noqa: E402
 from proxy_process import (  # noqa: E402
     OPS_LOCAL,
     OPS_PORTS,
@@ -128,29 +128,6 @@ class Pods:
 async def _drain(stream: asyncio.StreamReader) -> None:
     while await stream.read(65536):
         pass
-
-
-def open_sockets(pid: int) -> list[str]:
-    """The TCP sockets a process holds, as "local -> remote state" (from /proc)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    states = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A": "LISTEN"}
-    found = []
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        parts = line.split()
-        if parts[9] in inodes:
-            local, remote = (_address(x) for x in parts[1:3])
-            found.append(f"{local} -> {remote} {states.get(parts[3], parts[3])}")
-    return found
-
-
-def _address(hex_address: str) -> str:
-    ip, port = hex_address.split(":")
-    return f"{socket.inet_ntoa(bytes.fromhex(ip)[::-1])}:{int(port, 16)}"
 
 
 def _free_port() -> int:

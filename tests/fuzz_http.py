@@ -1177,6 +1177,8 @@ def check(
             after_close = True
         if i == refused_at:
             after_close = True
+        if i == closed_at and not (outcome.reset or outcome.error):
+            after_close = True  # answered with "connection: close" (or not at all): served serially
         if i in local and any(s.complete for s in seen):
             problems.append(f"request {i} was answered by the proxy, yet reached the backend")
     for m in smuggled:
