@@ -489,20 +489,23 @@ def bodies(draw: st.DrawFn, version: bytes) -> tuple[list[bytes], bytes, bytes, 
         lines = [b"Content-Length: 3", b"Transfer-Encoding: chunked"]
         return lines[:: 1 if first else -1], b"0\r\n\r\n", b"", "reject", "cl+te"
     enc, dec, verdict, why = draw(chunked_body())
-    te = b"chunked"
+    te = [b"chunked"]  # one Transfer-Encoding line per value
     if kind == "te-odd":
         te, te_verdict = draw(
             st.sampled_from(
                 [
-                    (b"Chunked", "ok"),
-                    (b" chunked ", "ok"),
-                    (b"chunked, chunked", "reject"),
-                    (b"gzip, chunked", "reject"),
-                    (b"chunked, gzip", "reject"),
-                    (b"identity", "reject"),
-                    (b"xchunked", "reject"),
-                    (b"chunked\x00", "reject"),
-                    (b"", "reject"),
+                    ([b"Chunked"], "ok"),
+                    ([b" chunked "], "ok"),
+                    ([b"chunked, chunked"], "reject"),
+                    ([b"chunked", b"chunked"], "reject"),  # two lines: chunked twice
+                    ([b"gzip", b"chunked"], "reject"),
+                    ([b"chunked", b"gzip"], "reject"),
+                    ([b"gzip, chunked"], "reject"),
+                    ([b"chunked, gzip"], "reject"),
+                    ([b"identity"], "reject"),
+                    ([b"xchunked"], "reject"),
+                    ([b"chunked\x00"], "reject"),
+                    ([b""], "reject"),
                 ]
             )
         )
@@ -514,7 +517,7 @@ def bodies(draw: st.DrawFn, version: bytes) -> tuple[list[bytes], bytes, bytes, 
         why += "+te-on-1.0"
     elif verdict == "reject" and kind != "te-odd":
         verdict = "body-reject"
-    return [b"Transfer-Encoding: " + te], enc, dec, verdict, why
+    return [b"Transfer-Encoding: " + v for v in te], enc, dec, verdict, why
 
 
 @st.composite
