@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import h11
+import uvloop
 from hypothesis import strategies as st
 
 HOST = "127.0.0.1"
@@ -1248,7 +1249,7 @@ class _ErrorLog(logging.Handler):
 
 
 class Harness:
-    """A loop in a thread running the backend and (in-process) the real proxy.
+    """A uvloop loop in a thread running the backend and (in-process) the real proxy.
 
     ``run(case)`` sends one case over a new connection, then a clean request on another, and
     returns the broken invariants. With ``proxy_port`` given, the proxy is someone else's (a
@@ -1257,7 +1258,7 @@ class Harness:
 
     def __init__(self, *, in_process: bool = True) -> None:
         self.in_process = in_process
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # the loop `sticky-proxy run` uses
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-loop", daemon=True)
         self.backend = Backend()
         self.proxy: Any = None
