@@ -307,6 +307,10 @@ class DownstreamConnection(asyncio.Protocol):
             return
         ex = self._parsing
         assert ex is not None
+        if not ex.method:
+            # Known from here on, so that a head refused before its end still gets a reply
+            # without a body when it is a HEAD.
+            ex.method = self._parser.get_method()
         ex.target += url
         self._head_bytes += len(url)
         if self._head_bytes > self._max_head:
@@ -340,7 +344,6 @@ class DownstreamConnection(asyncio.Protocol):
             return
         self._head_open = False
         parser = self._parser
-        ex.method = parser.get_method()
         ex.version = self._version(ex)
         ex.keep_alive = parser.should_keep_alive()
         self._check_request(ex)
@@ -418,6 +421,10 @@ class DownstreamConnection(asyncio.Protocol):
             return
         verdict = upgrade_verdict(ex.upgrade, self._upgrades)
         if verdict == FORWARD:
+            if ex.chunked or ex.content_length not in (None, b"0"):
+                # httptools makes llhttp skip an upgrade request's body: it would reach the
+                # pod unframed, as the new protocol's first bytes.
+                raise RequestError(400, b"upgrade request with a body")
             return
         if verdict == REFUSE:
             raise RequestError(403, b"upgrade not allowed")

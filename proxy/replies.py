@@ -11,7 +11,8 @@ here::
         duplicate Host, no Host on 1.1, TE on 1.0,
         Host not host[:port], a target other than
         origin/absolute form (OPTIONS * excepted),
-        absolute-form authority other than Host
+        absolute-form authority other than Host,
+        an upgrade request with a body
       Transfer-Encoding other than chunked            501 Not Implemented                   DPE
       HTTP version other than 1.0/1.1                 505 HTTP Version Not Supported        DPE
       CONNECT                                         405 Method Not Allowed                DPE

@@ -97,6 +97,16 @@ BAD_REQUESTS = {
     "Host, port not digits": (b"GET / HTTP/1.1\r\nHost: a:8x\r\n\r\n", 400),
     "Host, two colons": (b"GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\n", 400),
     "Host after Host with other case": (b"GET / HTTP/1.1\r\nHost: a\r\nhOST: a\r\n\r\n", 400),
+    "upgrade with a body": (
+        b"POST /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+        400,
+    ),
+    "upgrade with a chunked body": (
+        b"POST /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        400,
+    ),
     "101 headers": (
         b"GET / HTTP/1.1\r\nHost: h\r\n"
         + b"".join(b"X-H%d: v\r\n" % i for i in range(100))
@@ -148,6 +158,27 @@ async def test_bad_requests_rejected_while_others_are_served(
     assert [e.target for e in rejected if e.upstream] == [b"/"]
     assert dispatcher.pool.opened == 2
     assert sorted({e.status for e in dispatcher.dispatched}) == [200, 400]
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"HEAD / HTTP/1.1\r\nHost: h\r\nx-a\r\n\r\n", 400),
+        (b"HEAD / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"HEAD / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        (b"HEAD / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * (61 * 1024) + b"\r\n\r\n", 431),
+    ],
+    ids=["bad-header", "two-hosts", "gzip", "too-large"],
+)
+async def test_a_refused_head_request_gets_no_body(
+    proxy, pools, forward_all, raw_client, head, status
+):
+    # Refused before its head ended: the reply must still have no body (RFC 9110 §9.3.2).
+    client = await raw_client(await proxy(forward_all(pools(1))))
+    await client.send(head)
+    resp = await client.read_response(head=True)
+    assert resp.status == status and int(resp.header("content-length") or 0) > 0
+    assert await client.reader.read() == b""  # no body bytes after the head, then the close
 
 
 async def test_bad_request_after_good_pipelined_one(backend, proxy, pools, forward_all, raw_client):
