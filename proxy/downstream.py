@@ -120,8 +120,8 @@ class DownstreamConnection(asyncio.Protocol):
         self._head_open = False  # between on_message_begin and on_headers_complete
         self._head_bytes = 0  # size of the head so far, as seen through the callbacks
         self._head_unparsed = 0  # bytes fed while the head stayed open (httptools buffers them)
-        self._stripped: ParsedRequest | None = None  # its h2c upgrade was stripped (_feed)
-        self._resuming: ParsedRequest | None = None  # its body follows our head (_feed)
+        self._stripped: ParsedRequest | None = None  # its h2c upgrade was stripped (_after_upgrade)
+        self._resuming: ParsedRequest | None = None  # its body follows our head (_after_upgrade)
         self._fresh = b""  # the bytes being fed, when they start at a request line
         self._messages = 0
         self._idle_since = 0.0
@@ -134,6 +134,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._wbuf: list[bytes] = []
         self._batched = False  # in the listener's batch: written at the iteration's end
         self._host_ok = b""  # the last Host found valid here (clients repeat theirs)
+        self._target_ok = b""  # the last target found without a fragment here, likewise
         self._tunnel = False  # upgraded: what the client sends goes to _tunnel_data
 
         # per-request state (the active exchange)
@@ -246,7 +247,11 @@ class DownstreamConnection(asyncio.Protocol):
         if self._parsing is None:
             self._fresh = data
         try:
-            self._feed(data)
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._after_upgrade(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            self._parse_error(exc)
         finally:
             self._in_feed = False
             self._fresh = b""
@@ -259,17 +264,9 @@ class DownstreamConnection(asyncio.Protocol):
         else:
             self._flush_both()
 
-    def _feed(self, data: bytes) -> None:
-        parser = self._parser
+    def _after_upgrade(self, rest: bytes) -> None:
+        """llhttp stopped after an upgrade request's head; ``rest`` is what followed it."""
         while True:
-            try:
-                parser.feed_data(data)
-                return
-            except httptools.HttpParserUpgrade as exc:
-                rest = data[exc.args[0] :]
-            except httptools.HttpParserError as exc:
-                self._parse_error(exc)
-                return
             ex = self._stripped
             if ex is None:
                 self._upgrade_data(rest)  # the rest is the new protocol's
@@ -282,17 +279,29 @@ class DownstreamConnection(asyncio.Protocol):
             self._stripped = None
             if ex.body_done:
                 data = rest
-                continue
-            self._resuming = ex
-            parser = self._parser = httptools.HttpRequestParser(self)
-            framing = CHUNKED_LINE if ex.chunked else b"content-length: %s\r\n" % ex.content_length
-            data = b"PUT / HTTP/1.1\r\n" + framing + CRLF + rest
+            else:
+                self._resuming = ex
+                self._parser = httptools.HttpRequestParser(self)
+                framing = (
+                    CHUNKED_LINE if ex.chunked else b"content-length: %s\r\n" % ex.content_length
+                )
+                data = b"PUT / HTTP/1.1\r\n" + framing + CRLF + rest
+            try:
+                self._parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                rest = data[exc.args[0] :]
+            except httptools.HttpParserError as exc:
+                self._parse_error(exc)
+                return
 
     # ================================================================== httptools callbacks
     def on_message_begin(self) -> None:
         ex = self._resuming
         if ex is not None:
-            self._parsing = ex  # our head for a stripped upgrade's body (_feed): not a request
+            self._parsing = (
+                ex  # our head for a stripped upgrade's body (_after_upgrade): not a request
+            )
             return
         if self._closed or len(self._queue) >= self._max_pipeline:
             raise _StopParsing  # answer what we have, then close
@@ -397,7 +406,7 @@ class DownstreamConnection(asyncio.Protocol):
         assert ex is not None
         self._parsing = None
         if ex is self._stripped:
-            return  # not complete: llhttp skipped its body, which _feed reads next
+            return  # not complete: llhttp skipped its body, which _after_upgrade reads next
         if ex.body_done:
             return  # bodiless request: already complete at the head
         ex.body_done = True
@@ -406,7 +415,9 @@ class DownstreamConnection(asyncio.Protocol):
 
     # ================================================================== request checks
     def _check_request(self, ex: ParsedRequest) -> None:
-        check_target(ex)
+        target = ex.target
+        check_target(ex, self._target_ok)
+        self._target_ok = target
         authority = ex.authority
         if authority and authority != self._host_ok:
             ex.authority = self._host_ok = checked_host(authority)
@@ -414,7 +425,7 @@ class DownstreamConnection(asyncio.Protocol):
             self._check_upgrade(ex)
 
     def _check_upgrade(self, ex: ParsedRequest) -> None:
-        """Forward the upgrades the listener allows; strip h2c (see _feed); refuse the rest."""
+        """Forward the upgrades the listener allows; strip h2c (_after_upgrade); refuse others."""
         assert ex.upgrade is not None
         if not self._parser.should_upgrade():
             ex.upgrade = None  # Upgrade without "Connection: upgrade" is just a header
@@ -429,7 +440,7 @@ class DownstreamConnection(asyncio.Protocol):
         if verdict == REFUSE:
             raise RequestError(403, b"upgrade not allowed")
         ex.upgrade = None
-        self._stripped = ex  # llhttp will stop after this head all the same: see _feed
+        self._stripped = ex  # llhttp will stop after this head all the same: see _after_upgrade
 
     # ================================================================== exchange lifecycle
     def _begin(self, ex: ParsedRequest) -> None:

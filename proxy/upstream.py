@@ -201,6 +201,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_chunked",
         "_conn_tokens",
         "_content_length",
+        "_counting",
         "_final",
         "_got_bytes",
         "_head_bytes",
@@ -246,6 +247,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._got_bytes = False  # a response byte arrived: never replay
         self._head_bytes = 0  # bytes read while the response head is incomplete
         self._header_bytes = 0  # header lines of the head being parsed (on_header)
+        self._counting = False  # this read may take the head past the limit: count its lines
         self._head_only = False
         self._upgrade = False
         self._final = False  # final (non-1xx) head delivered
@@ -362,6 +364,14 @@ class UpstreamConnection(asyncio.Protocol):
             sink.flush_relayed(len(data))
             return
         self._got_bytes = True
+        if not self._final:
+            # Only a read that could take the head past the limit has its header lines
+            # counted (on_header): the others cannot, and counting costs every response.
+            self._counting = self._head_bytes + len(data) > MAX_RESPONSE_HEAD
+            if self._counting and self._header_bytes < self._head_bytes:
+                # What earlier reads of this head held: an upper bound (a line they split is
+                # counted again whole), so the limit errs on the side of a 502.
+                self._header_bytes = self._head_bytes
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -433,12 +443,13 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._final:
             return  # trailers: HTTP/1.1 to the client has no place for them, like Envoy
-        # The limit holds however the head arrives: data_received bounds what httptools
-        # buffers between reads, this what one read can hold (a whole head, say).
-        size = self._header_bytes + len(name) + len(value) + 4
-        if size > MAX_RESPONSE_HEAD:
-            raise _Unexpected  # -> 502, as any upstream protocol error
-        self._header_bytes = size
+        if self._counting:
+            # The limit holds however the head arrives: data_received bounds what httptools
+            # buffers between reads, this what one large read holds (a whole head, say).
+            size = self._header_bytes + len(name) + len(value) + 4
+            if size > MAX_RESPONSE_HEAD:
+                raise _Unexpected  # -> 502, as any upstream protocol error
+            self._header_bytes = size
         name = _LOWER(name)
         n = len(name)
         # Only names of these lengths can be one we act on: one int compare spares the others
