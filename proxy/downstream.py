@@ -548,9 +548,9 @@ class DownstreamConnection(asyncio.Protocol):
         self._hold_upgrade_data(rest)
 
     def _hold_upgrade_data(self, data: bytes) -> None:
-        ex = self._active
-        if ex is None and self._queue:
-            ex = self._queue[-1]
+        # The upgrade request is the last one parsed (nothing is parsed after it): queued
+        # behind the active one, or the active one itself.
+        ex = self._queue[-1] if self._queue else self._active
         if ex is None or not data:
             return
         ex.held.append(data)
@@ -608,6 +608,10 @@ class DownstreamConnection(asyncio.Protocol):
         self._parsing = None
         if ex is None:
             ex = ParsedRequest(self._peer, self._sock, self._loop.time())
+        elif not ex.method:
+            # Refused inside its request line (on_url never came): llhttp has the method if
+            # it got that far, and a HEAD must get no body.
+            ex.method = self._parser.get_method()
         ex.error = (status, text)
         ex.body_done = True
         ex.held = []

@@ -213,7 +213,10 @@ def check_target(req: ParsedRequest, checked: bytes) -> None:
             if split is None:
                 raise RequestError(400, b"invalid request target")
             authority, path = split
-            if req.authority is not None and not same_authority(req.authority, authority, target):
+            host = req.authority
+            if host is not None and (
+                not authority_ok(host.rstrip(_OWS)) or not same_authority(host, authority, target)
+            ):
                 raise RequestError(400, b"host header does not match the request target")
             req.authority = authority
             req.target = path

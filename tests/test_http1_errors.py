@@ -85,6 +85,10 @@ BAD_REQUESTS = {
         b"GET http://other.example/abs?q=1 HTTP/1.1\r\nHost: evil.com\r\n\r\n",
         400,
     ),
+    "absolute-form, Host invalid but its prefix agrees": (
+        b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: 127.0.0.1:9:80\r\n\r\n",
+        400,
+    ),
     "absolute-form without Host on 1.1": (b"GET http://a.example/ HTTP/1.1\r\n\r\n", 400),
     "absolute-form with userinfo": (b"GET http://u@a.example/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     "absolute-form, other scheme": (b"GET ftp://a.example/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
@@ -167,8 +171,9 @@ async def test_bad_requests_rejected_while_others_are_served(
         (b"HEAD / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
         (b"HEAD / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
         (b"HEAD / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * (61 * 1024) + b"\r\n\r\n", 431),
+        (b"HEAD /a\x7fb HTTP/1.1\r\nHost: h\r\n\r\n", 400),
     ],
-    ids=["bad-header", "two-hosts", "gzip", "too-large"],
+    ids=["bad-header", "two-hosts", "gzip", "too-large", "bad-target"],
 )
 async def test_a_refused_head_request_gets_no_body(
     proxy, pools, forward_all, raw_client, head, status

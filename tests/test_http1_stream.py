@@ -402,6 +402,39 @@ async def test_h2c_upgrade_is_stripped_and_http_goes_on(
         assert b"upgrade" not in head.lower() and b"http2-settings" not in head.lower()
 
 
+async def test_bytes_after_a_queued_upgrade_request_belong_to_it(
+    raw_backend, proxy, pools, forward_all, raw_client
+):
+    # The first request of a new pool is active while its connection is being made; the
+    # upgrade request queued behind it owns what follows its head (the new protocol's bytes):
+    # they once went into the first request's held body, and to the pod as a request.
+    heads: list[bytes] = []
+
+    async def pod(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            heads.append(head.split(b"\r\n")[0])
+            if b"upgrade: websocket" in head.lower():
+                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: websocket\r\n\r\n")  # fmt: skip
+                await writer.drain()
+                await reader.read()  # the tunnel: raw bytes, no more requests
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    port = await proxy(forward_all(pools(await raw_backend(pod))))
+    client = await raw_client(port)
+    await client.send(
+        b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n"
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+    assert (await client.read_response()).status == 200
+    assert (await client.read_head()).status == 101
+    assert heads == [b"GET /a HTTP/1.1", b"GET /ws HTTP/1.1"]
+
+
 async def test_upgrade_to_a_protocol_not_allowed_is_403(
     backend, proxy, pools, forward_all, raw_client
 ):
