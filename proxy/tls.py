@@ -205,15 +205,16 @@ def _decode_leaf(server: ssl.SSLContext, chain: bytes) -> CertificateInfo | None
 
 def check_ca_bundle(pem: bytes) -> int:
     """The number of CA certificates in ``pem``; raises ``TlsMaterialError`` when it has none."""
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise TlsMaterialError("no PEM certificate (-----BEGIN CERTIFICATE-----) in it")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         ctx.load_verify_locations(cadata=pem.decode("ascii"))
-    except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
-        raise TlsMaterialError(f"no usable PEM CA certificate in it ({exc})") from None
-    count = ctx.cert_store_stats()["x509"]
-    if not count:
-        raise TlsMaterialError("no PEM CA certificate in it")
-    return count
+    except ssl.SSLError as exc:
+        raise TlsMaterialError(f"cannot load it: {_ssl_text(exc)}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise TlsMaterialError(f"cannot load it: {exc}") from None
+    return int(ctx.cert_store_stats()["x509"])
 
 
 def check_ciphers(suites: Sequence[str]) -> None:
