@@ -96,7 +96,9 @@ class HttpConnection(DownstreamConnection):
         self._connect_task: asyncio.Task[UpstreamConnection] | None = None
         self._waiting: UpstreamPool | None = None  # queued there by its circuit breaker
         self._attempt = 0  # connect failures moved on to Forward.next_pool(k)
-        self._tls_failure = b""  # the last TLS handshake failure of this exchange (Envoy's text)
+        # The latest connect failure's TLS reason (Envoy's text), b"" for another failure: set
+        # on every connect failure, read only by the 503 that follows one.
+        self._tls_failure = b""
         self._retries = 0  # retries made under Forward.retry
         self._resent_stale = False  # the one resend after a stale keep-alive connection
         self._discard = False  # dropping a response that will be retried
@@ -196,7 +198,6 @@ class HttpConnection(DownstreamConnection):
         self._attempt = 0
         self._retries = 0
         self._resent_stale = False
-        self._tls_failure = b""
         ex.memo = self._memo
         try:
             decision = self._dispatcher.dispatch(ex)
@@ -259,11 +260,13 @@ class HttpConnection(DownstreamConnection):
         if self._connect_task is task:
             self._connect_task = None
         exc = task.exception()
-        if exc is not None:  # refused, unreachable, timeout; anything else is logged
+        if exc is not None:  # refused, unreachable, timeout, TLS; anything else is logged
             if isinstance(exc, UpstreamTlsError):
                 self._tls_failure = exc.reason
-            elif not isinstance(exc, OSError | TimeoutError):
-                logger.warning("connect to %s failed", pool.key, exc_info=exc)
+            else:
+                self._tls_failure = b""
+                if not isinstance(exc, OSError | TimeoutError):
+                    logger.warning("connect to %s failed", pool.key, exc_info=exc)
             if self._active is ex and not self._closed:
                 self._connect_failed(ex, pool)
             return

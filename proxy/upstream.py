@@ -201,9 +201,10 @@ def callback_error(exc: httptools.HttpParserError) -> BaseException | None:
     return exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
 
 
-class UpstreamTlsError(OSError):
+class UpstreamTlsError(Exception):
     """The TLS handshake with the endpoint failed; ``reason`` is Envoy's transport failure
-    reason (``TLS_error:|...:TLS_error_end``), shown in the 503's body."""
+    reason (``TLS_error:|...:TLS_error_end``), shown in the 503's body. (Not an OSError:
+    mypyc compiles subclasses of Exception only.)"""
 
     def __init__(self, reason: bytes) -> None:
         super().__init__(reason.decode("latin-1"))
@@ -737,7 +738,8 @@ class UpstreamPool:
             self.breaker._waiting.discard(self)
 
     async def connect(self) -> UpstreamConnection:
-        """A new connection; raises OSError (refused, unreachable) or TimeoutError."""
+        """A new connection; raises OSError (refused, unreachable), TimeoutError or
+        UpstreamTlsError (its TLS handshake failed)."""
         self._reserve()
         return await self._open_reserved()
 
