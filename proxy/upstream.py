@@ -57,7 +57,8 @@ certificate whose names the DestinationRule does not list, fails the connect wit
 :class:`UpstreamTlsError`, whose ``reason`` is Envoy's transport failure text: nothing was sent.
 With no ``sni`` in the rule the SNI is the request's Host (Envoy's auto_sni), so connections
 are kept per name: :meth:`UpstreamPool.named` gives the pool of one name, which shares the
-endpoint's breaker and monitor and lives as long as it has connections.
+endpoint's breaker and monitor (a client chooses its Host: past 64 names, those with no
+connection are forgotten).
 """
 
 from __future__ import annotations

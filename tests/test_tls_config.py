@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 
 import pytest
 from tls_certs import CA, Issued, secret_yaml
 
 from proxy.__main__ import main
+from proxy.admin import plain
 from proxy.config import ConfigError
 from proxy.istio import load_config, load_text
 
@@ -83,6 +85,9 @@ def test_certificate_files_are_read_and_described(ca: CA) -> None:
     assert (cert.serial, cert.names) == (issued.serial, ("test.com", "www.test.com"))
     assert cert.source == str(issued.cert)
     assert config.tls_files == (str(issued.cert), str(issued.key))
+    # /config_dump shows where the certificate came from and what it says, never the PEM.
+    dumped = json.dumps(plain(config))
+    assert issued.serial in dumped and "PRIVATE KEY" not in dumped and "BEGIN" not in dumped
 
 
 def test_bad_certificates_name_the_gateway_the_server_and_the_file(ca: CA, tmp_path: Path) -> None:

@@ -295,6 +295,53 @@ spec:
         await proxy.stop(grace=5)
 
 
+async def test_two_mutual_servers_on_one_port_each_trust_their_own_clients(
+    tmp_path: Path, pods: PodSet
+) -> None:
+    """The certificate store the client certificate is checked against is the one of the
+    server the SNI chose, not the port's first."""
+    ca = CA(tmp_path)
+    a_clients, b_clients = CA(tmp_path, "a-clients"), CA(tmp_path, "b-clients")
+    a_client, b_client = a_clients.issue("a.client"), b_clients.issue("b.client")
+    servers = "".join(
+        f"""
+  - port: {{number: 443, name: {name}, protocol: HTTPS}}
+    hosts: [{name}.example.com]
+    tls:
+      mode: MUTUAL
+      serverCertificate: {issued.cert}
+      privateKey: {issued.key}
+      caCertificates: {clients.path}"""
+        for name, issued, clients in (
+            ("a", ca.issue("a.example.com"), a_clients),
+            ("b", ca.issue("b.example.com"), b_clients),
+        )
+    )
+    yaml = f"""
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  servers:{servers}
+---""" + pods_yaml(pods).replace("[test.com, other.com, mtls.test.com]", '["*.example.com"]')
+    proxy = Proxy(load_text(yaml), RunOptions(listen=(("127.0.0.1", 0),)))
+    await proxy.start()
+    try:
+        port = proxy.addresses[0][1]
+        for sni, good, bad in (
+            ("a.example.com", a_client, b_client),
+            ("b.example.com", b_client, a_client),
+        ):
+            async with connect(port, ca, sni=sni, client=good) as conn:
+                assert (await conn.get("/", host=sni)).status == 200
+            with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+                async with connect(port, ca, sni=sni, client=bad) as conn:
+                    await conn.get("/", host=sni)
+        assert sum(pods.request_counts) == 2
+    finally:
+        await proxy.stop(grace=5)
+
+
 # --------------------------------------------------------------------------- parameters
 
 
