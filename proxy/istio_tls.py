@@ -467,6 +467,39 @@ def _credential_ca(
     return _bundle(r, path, what, ca[0], found.source, found.files)
 
 
+def _file_pair(
+    r: Reader,
+    creds: Credentials,
+    path: str,
+    what: str,
+    cert_field: str,
+    cert_file: str,
+    key_file: str,
+) -> Certificate | None:
+    """A certificate and key named by file paths (``cert_field`` and ``privateKey``)."""
+    cpath = join_path(path, cert_field)
+    kpath = join_path(path, "privateKey")
+    chain = _file(r, creds, cpath, what, cert_file)
+    key = _file(r, creds, kpath, what, key_file)
+    if chain is None or key is None:
+        return None
+    return _certificate(r, cpath, what, chain, key, cert_file, (cert_file, key_file), kpath)
+
+
+def _ca_file(r: Reader, creds: Credentials, path: str, what: str, name: str) -> TrustBundle | None:
+    apath = join_path(path, "caCertificates")
+    pem = _file(r, creds, apath, what, name)
+    return None if pem is None else _bundle(r, apath, what, pem, name, (name,))
+
+
+def _credential(
+    r: Reader, creds: Credentials, path: str, what: str, name: str, namespace: str
+) -> Certificate | None:
+    """A certificate and key named by ``credentialName``."""
+    pair = _credential_pair(r, creds, path, what, name, namespace)
+    return None if pair is None else _certificate(r, path, what, *pair, key_path=path)
+
+
 def resolve_server_tls(
     r: Reader, gateway: GatewaySpec, server: GatewayServer, creds: Credentials
 ) -> GatewayServer:
@@ -474,41 +507,27 @@ def resolve_server_tls(
     tls = server.tls
     if tls is None:
         return server
-    path = tls.where
+    path, namespace = tls.where, gateway.namespace
     what = f"server {server.port_name} (port {server.port})"
     certificate: Certificate | None = None
     client_ca: TrustBundle | None = None
+    cpath = join_path(path, "credentialName")
     if tls.credential_name:
-        cpath = join_path(path, "credentialName")
-        pair = _credential_pair(r, creds, cpath, what, tls.credential_name, gateway.namespace)
-        if pair is not None:
-            certificate = _certificate(r, cpath, what, *pair, key_path=cpath)
+        certificate = _credential(r, creds, cpath, what, tls.credential_name, namespace)
     elif tls.server_certificate and tls.private_key:
-        cpath = join_path(path, "serverCertificate")
-        kpath = join_path(path, "privateKey")
-        chain = _file(r, creds, cpath, what, tls.server_certificate)
-        key = _file(r, creds, kpath, what, tls.private_key)
-        if chain is not None and key is not None:
-            files = (tls.server_certificate, tls.private_key)
-            source = tls.server_certificate
-            certificate = _certificate(r, cpath, what, chain, key, source, files, kpath)
+        certificate = _file_pair(
+            r, creds, path, what, "serverCertificate", tls.server_certificate, tls.private_key
+        )
     if tls.mode != "SIMPLE":
         if tls.ca_certificates:
-            apath = join_path(path, "caCertificates")
-            pem = _file(r, creds, apath, what, tls.ca_certificates)
-            if pem is not None:
-                ca_files = (tls.ca_certificates,)
-                client_ca = _bundle(r, apath, what, pem, tls.ca_certificates, ca_files)
+            client_ca = _ca_file(r, creds, path, what, tls.ca_certificates)
         elif tls.ca_credential_name:
             apath = join_path(path, "caCertCredentialName")
-            client_ca = _credential_ca(
-                r, creds, apath, what, tls.ca_credential_name, gateway.namespace, suffixed=False
-            )
+            name = tls.ca_credential_name
+            client_ca = _credential_ca(r, creds, apath, what, name, namespace, suffixed=False)
         elif tls.credential_name:
-            apath = join_path(path, "credentialName")
-            client_ca = _credential_ca(
-                r, creds, apath, what, tls.credential_name, gateway.namespace, suffixed=True
-            )
+            name = tls.credential_name
+            client_ca = _credential_ca(r, creds, cpath, what, name, namespace, suffixed=True)
     return replace(server, tls=replace(tls, certificate=certificate, client_ca=client_ca))
 
 
@@ -519,31 +538,20 @@ def resolve_client_tls(
     path = tls.where
     certificate: Certificate | None = None
     ca: TrustBundle | None = None
+    mutual = tls.mode == "MUTUAL"
     if tls.credential_name:
-        cpath = join_path(path, "credentialName")
-        if tls.mode == "MUTUAL":
-            pair = _credential_pair(r, creds, cpath, what, tls.credential_name, namespace)
-            if pair is not None:
-                certificate = _certificate(r, cpath, what, *pair, key_path=cpath)
+        cpath, name = join_path(path, "credentialName"), tls.credential_name
+        if mutual:
+            certificate = _credential(r, creds, cpath, what, name, namespace)
         if not tls.insecure_skip_verify:
-            ca = _credential_ca(
-                r, creds, cpath, what, tls.credential_name, namespace, suffixed=True
-            )
+            ca = _credential_ca(r, creds, cpath, what, name, namespace, suffixed=True)
     else:
-        if tls.mode == "MUTUAL" and tls.client_certificate and tls.private_key:
-            cpath = join_path(path, "clientCertificate")
-            kpath = join_path(path, "privateKey")
-            chain = _file(r, creds, cpath, what, tls.client_certificate)
-            key = _file(r, creds, kpath, what, tls.private_key)
-            if chain is not None and key is not None:
-                files = (tls.client_certificate, tls.private_key)
-                source = tls.client_certificate
-                certificate = _certificate(r, cpath, what, chain, key, source, files, kpath)
+        if mutual and tls.client_certificate and tls.private_key:
+            certificate = _file_pair(
+                r, creds, path, what, "clientCertificate", tls.client_certificate, tls.private_key
+            )
         if tls.ca_certificates:
-            apath = join_path(path, "caCertificates")
-            pem = _file(r, creds, apath, what, tls.ca_certificates)
-            if pem is not None:
-                ca = _bundle(r, apath, what, pem, tls.ca_certificates, (tls.ca_certificates,))
+            ca = _ca_file(r, creds, path, what, tls.ca_certificates)
     return replace(tls, certificate=certificate, ca=ca)
 
 

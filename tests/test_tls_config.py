@@ -7,31 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from tls_certs import CA, Issued, secret_yaml
+from tls_certs import CA, Issued, pods_yaml, secret_yaml
 
 from proxy.__main__ import main
 from proxy.admin import plain
 from proxy.config import ConfigError
 from proxy.istio import load_config, load_text
 
-ROUTES = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: vs}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http: [{route: [{destination: {host: pods.local, port: {number: 80}}}]}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: pods}
-spec:
-  hosts: [pods.local]
-  ports: [{number: 80, name: http}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.1}]
-"""
+ROUTES = pods_yaml([("127.0.0.1", 80)], cookie=None)
 
 
 def gateway(*servers: str, namespace: str = "default") -> str:
@@ -371,8 +354,8 @@ def test_destination_rule_tls_errors(ca: CA) -> None:
 
 
 def test_service_entry_subject_alt_names_stand_in(ca: CA) -> None:
-    routes = ROUTES.replace(
-        "resolution: STATIC", "resolution: STATIC\n  subjectAltNames: [spiffe://x]"
+    routes = pods_yaml(
+        [("127.0.0.1", 80)], cookie=None, entry_extra="\n  subjectAltNames: [spiffe://x]"
     )
     config = load_text("\n---\n".join([PLAIN_GATEWAY, routes, rule("{mode: SIMPLE}")]))
     tls = config.clusters["outbound|80||pods.local"].tls

@@ -20,6 +20,7 @@ import pytest
 from conftest import RawClient
 from proxy_process import sample_sum
 from tls_certs import CA, connect, secret_yaml
+from tls_certs import pods_yaml as routes
 
 from proxy.config import Config
 from proxy.demo import PodSet
@@ -51,37 +52,10 @@ def certs(tmp_path: Path) -> Certs:
     return Certs(tmp_path)
 
 
-def pods_yaml(pods: PodSet, cookie: str = "ISTIOID", attributes: str = "") -> str:
-    endpoints = "".join(f"  - {{address: {h}, ports: {{http: {p}}}}}\n" for h, p in pods.addresses)
-    return f"""
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: vs}}
-spec:
-  hosts: [test.com, other.com, mtls.test.com]
-  gateways: [gw]
-  http:
-  - route: [{{destination: {{host: pods.local, port: {{number: 80}}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: pods}}
-spec:
-  hosts: [pods.local]
-  ports: [{{number: 80, name: http}}]
-  resolution: STATIC
-  endpoints:
-{endpoints}---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: sticky}}
-spec:
-  host: pods.local
-  trafficPolicy:
-    loadBalancer:
-      consistentHash:
-        httpCookie: {{name: {cookie}, ttl: 60s{attributes}}}
-"""
+def pods_yaml(pods: PodSet, attributes: str = "") -> str:
+    return routes(
+        pods.addresses, hosts="[test.com, other.com, mtls.test.com]", cookie_extra=attributes
+    )
 
 
 def gateway_yaml(certs: Certs, https_extra: str = "") -> str:
@@ -115,11 +89,13 @@ spec:
 """
 
 
-def issue_config(certs: Certs, pods: PodSet, *, https_extra: str = "", **kw: str) -> Config:
+def issue_config(
+    certs: Certs, pods: PodSet, *, https_extra: str = "", attributes: str = ""
+) -> Config:
     return load_text(
         "\n---\n".join(
             [gateway_yaml(certs, https_extra), secret_yaml("other-cred", certs.other),
-             pods_yaml(pods, **kw)]
+             pods_yaml(pods, attributes)]
         ),
         "issue16.yaml",
     )  # fmt: skip
@@ -274,7 +250,7 @@ kind: Gateway
 metadata: {{name: gw}}
 spec:
   servers:{servers}
----""" + pods_yaml(pods).replace("[test.com, other.com, mtls.test.com]", '["*.example.com"]')
+---""" + routes(pods.addresses, hosts='["*.example.com"]')
     proxy = Proxy(load_text(yaml), RunOptions(listen=(("127.0.0.1", 0),)))
     await proxy.start()
     try:
@@ -323,7 +299,7 @@ kind: Gateway
 metadata: {{name: gw}}
 spec:
   servers:{servers}
----""" + pods_yaml(pods).replace("[test.com, other.com, mtls.test.com]", '["*.example.com"]')
+---""" + routes(pods.addresses, hosts='["*.example.com"]')
     proxy = Proxy(load_text(yaml), RunOptions(listen=(("127.0.0.1", 0),)))
     await proxy.start()
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from proxy_process import OPS_LOCAL, OPS_PORTS, eventually, proxy_process
-from tls_certs import CA, Issued, connect, secret_yaml
+from tls_certs import CA, Issued, connect, pods_yaml, secret_yaml
 
 from proxy.demo import PodSet
 from proxy.istio import load_config
@@ -28,25 +28,7 @@ async def pods() -> AsyncIterator[PodSet]:
 
 
 def routes_yaml(pods: PodSet) -> str:
-    endpoints = "".join(f"  - {{address: {h}, ports: {{http: {p}}}}}\n" for h, p in pods.addresses)
-    return f"""
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: vs}}
-spec:
-  hosts: [test.com]
-  gateways: [gw]
-  http: [{{route: [{{destination: {{host: pods.local, port: {{number: 80}}}}}}]}}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: pods}}
-spec:
-  hosts: [pods.local]
-  ports: [{{number: 80, name: http}}]
-  resolution: STATIC
-  endpoints:
-{endpoints}"""
+    return pods_yaml(pods.addresses, hosts="[test.com]", cookie=None)
 
 
 def gateway_yaml(tls: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from tls_certs import CA, Issued
+from tls_certs import CA, Issued, pods_yaml
 
 from proxy.demo import PodState, make_pod_app
 from proxy.hashing import RingHash, xxh64
@@ -70,42 +70,18 @@ async def pods() -> AsyncIterator[HttpsPods]:
 
 
 def config_yaml(pods: HttpsPods, tls: str, *, retries: str = "", sans: str = "") -> str:
-    endpoints = "".join(f"  - {{address: {h}, ports: {{https: {p}}}}}\n" for h, p in pods.addresses)
-    return f"""
+    """Plain HTTP on port 80 to pods.local:443, whose DestinationRule has ``tls``."""
+    gateway = """
 apiVersion: networking.istio.io/v1
 kind: Gateway
-metadata: {{name: gw}}
+metadata: {name: gw}
 spec:
-  servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ["*"]}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: vs}}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
-  - route: [{{destination: {{host: pods.local, port: {{number: 443}}}}}}]{retries}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: pods}}
-spec:
-  hosts: [pods.local]
-  ports: [{{number: 443, name: https}}]
-  resolution: STATIC{sans}
-  endpoints:
-{endpoints}---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: pods}}
-spec:
-  host: pods.local
-  trafficPolicy:
-    loadBalancer: {{consistentHash: {{httpCookie: {{name: ISTIOID, ttl: 60s}}}}}}
-    tls:
-{tls}
-"""
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---"""
+    policy = "\n    tls:\n" + tls.rstrip("\n")
+    return gateway + pods_yaml(
+        pods.addresses, port=443, route_extra=retries, entry_extra=sans, policy_extra=policy
+    )
 
 
 @asynccontextmanager

@@ -16,7 +16,7 @@ import asyncio
 import base64
 import datetime
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +128,59 @@ def secret_yaml(
     return (
         f"apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {namespace}}}\n"
         f"type: kubernetes.io/tls\n{body}"
+    )
+
+
+def pods_yaml(
+    addresses: Sequence[tuple[str, int]],
+    *,
+    hosts: str = '["*"]',
+    port: int = 80,
+    cookie: str | None = "ISTIOID",
+    cookie_extra: str = "",
+    route_extra: str = "",
+    entry_extra: str = "",
+    policy_extra: str = "",
+) -> str:
+    """A VirtualService on Gateway ``gw`` sending ``hosts`` to ``pods.local:port``, a STATIC
+    ServiceEntry for ``addresses``, and a DestinationRule hashing on ``cookie`` (None: no rule).
+    The ``*_extra`` texts go at the end of the route, the ServiceEntry's spec and the cookie's
+    and the traffic policy's fields."""
+    endpoints = "".join(f"  - {{address: {h}, ports: {{web: {p}}}}}\n" for h, p in addresses)
+    text = f"""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: vs}}
+spec:
+  hosts: {hosts}
+  gateways: [gw]
+  http:
+  - route: [{{destination: {{host: pods.local, port: {{number: {port}}}}}}}]{route_extra}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pods}}
+spec:
+  hosts: [pods.local]
+  ports: [{{number: {port}, name: web}}]
+  resolution: STATIC{entry_extra}
+  endpoints:
+{endpoints}"""
+    if cookie is None:
+        return text
+    return (
+        text
+        + f"""---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: pods}}
+spec:
+  host: pods.local
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie: {{name: {cookie}, ttl: 60s{cookie_extra}}}{policy_extra}
+"""
     )
 
 
