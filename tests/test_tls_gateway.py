@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import RawClient
@@ -155,7 +156,15 @@ async def test_sni_certificates_redirect_and_mutual_on_one_gateway(
         await client.send(b"GET /cart?item=1 HTTP/1.1\r\nHost: test.com\r\n\r\n")
         resp = await client.read_response()
         assert resp.status == 301
-        assert resp.header("location") == "https://test.com/cart?item=1"
+        location = resp.header("location")
+        assert location == "https://test.com/cart?item=1"
+        # ... which the HTTPS port serves (here on its own port, not 443).
+        url = urlsplit(location)
+        assert url.hostname is not None
+        async with connect(gw.https, certs.ca, sni=url.hostname) as conn:
+            followed = await conn.get(f"{url.path}?{url.query}", host=url.hostname)
+            assert followed.status == 200
+            assert json.loads(followed.body)["query"] == "item=1"
 
         # Port 8443 refuses a client without a certificate, and the pods hear nothing.
         before = sum(pods.request_counts)
@@ -370,6 +379,7 @@ async def test_secure_attribute_when_the_rule_asks_and_forwarded_proto(
         assert set_cookie is not None and "; Secure" in set_cookie, set_cookie
         headers = json.loads(resp.body)["headers"]
         assert headers["X-Forwarded-Proto"] == "https"
+        assert headers["X-Forwarded-For"] == "127.0.0.1"  # the peer, read through TLS
 
 
 async def test_access_log_and_metrics_tell_tls(certs: Certs, pods: PodSet) -> None:

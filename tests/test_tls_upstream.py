@@ -249,6 +249,24 @@ async def test_subject_alt_names_of_the_rule_or_of_the_service_entry(
     assert sum(pods.counts) == served
 
 
+async def test_without_ca_certificates_the_system_store_verifies(
+    pods: HttpsPods, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Istio's default CA is the system's: OpenSSL's default verify paths, which SSL_CERT_FILE
+    points at the pods' CA here."""
+    ca = CA(tmp_path, "pods")
+    await start_pods(pods, ca, [ca.issue("pods.local")] * 3)
+    tls = indent("mode: SIMPLE\nsni: pods.local")
+    no_retry = "\n    retries: {attempts: 0}"
+    async with proxy_url(config_yaml(pods, tls, retries=no_retry)) as (url, _):
+        status, body = await get(url, cookie="x")
+        assert status == 503 and "CERTIFICATE_VERIFY_FAILED" in body, body
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.path))
+    async with proxy_url(config_yaml(pods, tls, retries=no_retry)) as (url, _):
+        status, body = await get(url, cookie="x")
+        assert status == 200, body
+
+
 async def test_insecure_skip_verify_accepts_any_certificate(
     pods: HttpsPods, tmp_path: Path
 ) -> None:
