@@ -591,7 +591,8 @@ def check_port(port: int, servers: PortServers) -> None:
             differ = [name for name, a, b in zip(_SHARED, want, got, strict=True) if a != b]
             r.error(
                 join_path(path, "tls"),
-                f"port {port}: {', '.join(differ)} differ from server {first.port_name} "
+                f"port {port}: {', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'} "
+                f"from server {first.port_name} "
                 f"(Gateway {first_gw}); the servers of one port must agree on them: sticky-proxy "
                 "chooses a server's certificate by SNI during the handshake (Python's ssl "
                 "sni_callback), after OpenSSL has fixed those for the connection",

@@ -432,14 +432,20 @@ class Proxy:
         return tuple(paths)
 
     async def _watch(self, interval: float) -> None:
-        seen = _fingerprint(self._watched())
+        watched = self._watched()
+        seen = _fingerprint(watched)
         while True:
             await asyncio.sleep(interval)
-            now = await asyncio.to_thread(_fingerprint, self._watched())
+            now = await asyncio.to_thread(_fingerprint, watched)
             if now != seen:
                 seen = now
                 log.info("config files changed: reloading")
                 await self.reload()
+                if self._watched() != watched:
+                    # The new configuration reads other certificate files: follow those from
+                    # here on (their state now is the one just loaded, not a change).
+                    watched = self._watched()
+                    seen = await asyncio.to_thread(_fingerprint, watched)
 
     # ------------------------------------------------------------------ drain and stop
     def begin_drain(self, *, hurry: bool = False) -> None:

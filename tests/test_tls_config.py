@@ -281,7 +281,7 @@ def test_one_port_is_http_or_https_and_its_servers_agree(ca: CA) -> None:
         ROUTES,
     )
     assert errors == [
-        "t.yaml[1]: Gateway gw: spec.servers[1].tls: port 443: mode differ from server https "
+        "t.yaml[1]: Gateway gw: spec.servers[1].tls: port 443: mode differs from server https "
         "(Gateway default/gw); the servers of one port must agree on them: sticky-proxy chooses "
         "a server's certificate by SNI during the handshake (Python's ssl sni_callback), after "
         "OpenSSL has fixed those for the connection"
