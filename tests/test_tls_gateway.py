@@ -130,6 +130,25 @@ async def refused(port: int, ctx: ssl.SSLContext, sni: str) -> None:
         assert "ALERT" in str(failed.value.reason), failed.value
 
 
+@asynccontextmanager
+async def one_port(servers: str, pods: PodSet) -> AsyncIterator[int]:
+    """The proxy serving Gateway ``servers`` (YAML list items) for *.example.com: its port."""
+    gateway = f"""
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  servers:{servers}
+---"""
+    config = load_text(gateway + routes(pods.addresses, hosts='["*.example.com"]'))
+    proxy = Proxy(config, RunOptions(listen=(("127.0.0.1", 0),)))
+    await proxy.start()
+    try:
+        yield proxy.addresses[0][1]
+    finally:
+        await proxy.stop(grace=5)
+
+
 def pod_of(pods: PodSet, key: str) -> str:
     return pods.names[[f"{h}:{p}" for h, p in pods.addresses].index(key)]
 
@@ -253,17 +272,7 @@ async def test_exact_name_before_wildcard_and_longest_wildcard_first(
             ("exact", "www.example.com", exact),
         )
     )
-    yaml = f"""
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: gw}}
-spec:
-  servers:{servers}
----""" + routes(pods.addresses, hosts='["*.example.com"]')
-    proxy = Proxy(load_text(yaml), RunOptions(listen=(("127.0.0.1", 0),)))
-    await proxy.start()
-    try:
-        port = proxy.addresses[0][1]
+    async with one_port(servers, pods) as port:
         for sni, issued in (
             ("www.example.com", exact),
             ("WWW.Example.COM", exact),
@@ -276,8 +285,6 @@ spec:
                 assert conn.serial == issued.serial, sni
                 if sni != "example.com":
                     assert (await conn.get("/", host=sni.lower())).status == 200
-    finally:
-        await proxy.stop(grace=5)
 
 
 async def test_two_mutual_servers_on_one_port_each_trust_their_own_clients(
@@ -302,17 +309,7 @@ async def test_two_mutual_servers_on_one_port_each_trust_their_own_clients(
             ("b", ca.issue("b.example.com"), b_clients),
         )
     )
-    yaml = f"""
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: gw}}
-spec:
-  servers:{servers}
----""" + routes(pods.addresses, hosts='["*.example.com"]')
-    proxy = Proxy(load_text(yaml), RunOptions(listen=(("127.0.0.1", 0),)))
-    await proxy.start()
-    try:
-        port = proxy.addresses[0][1]
+    async with one_port(servers, pods) as port:
         for sni, good, bad in (
             ("a.example.com", a_client, b_client),
             ("b.example.com", b_client, a_client),
@@ -323,8 +320,6 @@ spec:
                 async with connect(port, ca, sni=sni, client=bad) as conn:
                     await conn.get("/", host=sni)
         assert sum(pods.request_counts) == 2
-    finally:
-        await proxy.stop(grace=5)
 
 
 # --------------------------------------------------------------------------- parameters
