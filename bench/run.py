@@ -31,6 +31,13 @@ then measured under two loads: ``returning`` (every request carries the cookie `
 a round and the order is reversed every other round, so a slow drift of the machine does not
 favour one row. Medians over ``--reps`` rounds are reported.
 
+*TLS rows.* ``nginx-tls`` and ``sticky-1w-tls`` terminate HTTPS with the same certificate (RSA
+2048, made with ``openssl`` in the run directory) in front of the same backends; sticky-proxy
+reads it from a Gateway HTTPS server (``configs/sticky-tls.yaml``), nginx from ``ssl_certificate``.
+They run two loads: ``returning`` (keep-alive: TLS record cost per request) and ``reconnect``
+(``Connection: close`` on every request: a new TLS connection, handshake included, per
+request, so req/s is new TLS connections per second). Their ratios are to ``nginx-tls``.
+
 *sticky-proxy's command line is a template* (``--proxy-template``); rows that need a flag
 (``--workers``, ``--access-log``, a metrics port) are skipped with a note until ``run --help``
 lists it, so the table grows by itself as the proxy does.
@@ -56,6 +63,7 @@ import resource
 import shlex
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -77,6 +85,8 @@ COOKIE = "ISTIOID"
 LOAD_COOKIE = '"d5bede35465dd05f"'
 BIG_SIZE = 10 * 1024 * 1024
 LOADS = ("returning", "new")
+TLS_LOADS = ("returning", "reconnect")  # reconnect: Connection: close, a handshake per request
+ALL_LOADS = ("returning", "new", "reconnect")
 
 DEFAULT_PROXY = str(REPO / ".venv" / "bin" / "sticky-proxy")
 DEFAULT_TEMPLATE = (
@@ -90,6 +100,7 @@ TARGET_P99_SLACK_MS = 1.0  # p99 <= nginx p99 + 1 ms
 TARGET_NEW_OVER_RETURNING = 1.1  # a new visitor costs <= 1.1 x a returning one
 TARGET_IDLE_RSS_MB = 150.0
 TARGET_BIG_MB = 5.0  # "flat, a few MB"
+TARGET_TLS_CPU_EFF = 1 / 1.3  # issue 16: keep-alive CPU/request over TLS <= 1.3 x nginx's
 
 
 # --------------------------------------------------------------------------- rows
@@ -113,6 +124,12 @@ class Row:
     loads: tuple[str, ...] = LOADS
     default: bool = True
     baseline: bool = False  # run with --baseline-cmd instead of --proxy-cmd
+    tls: bool = False  # HTTPS on the same certificate (bench_certificate); ratios to nginx-tls
+
+    @property
+    def ref(self) -> str:
+        """The row its ratios are taken to."""
+        return "nginx-tls" if self.tls else "nginx"
 
 
 # Ports the base rows switch off (when the CLI has them): a row measures the data plane plus
@@ -210,6 +227,24 @@ ROWS: tuple[Row, ...] = (
         loads=("returning",),
         default=False,
         baseline=True,
+    ),
+    Row(
+        "nginx-tls",
+        "nginx",
+        8085,
+        "nginx 1 worker, HTTPS (same certificate), hash $cookie consistent, keepalive 64",
+        loads=TLS_LOADS,
+        tls=True,
+    ),
+    Row(
+        "sticky-1w-tls",
+        "sticky-tls",
+        8098,
+        "sticky-proxy, 1 worker, HTTPS Gateway server (same certificate), DestinationRule "
+        "cookie ISTIOID",
+        optional=OPS_OFF,
+        loads=TLS_LOADS,
+        tls=True,
     ),
     Row("nginx-2w", "nginx", 8083, "nginx 2 workers", workers=2, default=False),
     Row("haproxy-2t", "haproxy", 8084, "haproxy nbthread 2", workers=2, default=False),
@@ -479,6 +514,19 @@ def start_sink(b: Bench) -> Proc:
     return sink
 
 
+def bench_certificate(run_dir: Path) -> tuple[Path, Path]:
+    """One self-signed certificate (RSA 2048, CN bench.test) both TLS rows serve."""
+    cert, key = run_dir / "bench-tls.crt", run_dir / "bench-tls.key"
+    if not cert.exists():
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=bench.test", "-addext", "subjectAltName=DNS:bench.test",
+             "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+    return cert, key
+
+
 def row_argv(b: Bench, row: Row) -> tuple[list[str] | None, str]:
     """The command of a row, or (None, why it is skipped)."""
     nofile = b.nofile
@@ -486,14 +534,16 @@ def row_argv(b: Bench, row: Row) -> tuple[list[str] | None, str]:
     if row.kind == "direct":
         return None, ""
     if row.kind == "nginx":
+        cert, key = bench_certificate(b.run_dir) if row.tls else (Path(), Path())
         conf = render(
-            "proxy-nginx.conf",
+            "proxy-nginx-tls.conf" if row.tls else "proxy-nginx.conf",
             b.run_dir / f"proxy-nginx-{row.port}.conf",
             RUN=b.run_dir,
             PORT=row.port,
             WORKERS=row.workers,
             NOFILE=nofile,
             CONNS=conns,
+            **({"CERT": cert, "KEY": key} if row.tls else {}),
         )
         err = b.run_dir / f"proxy-nginx-{row.port}.startup.err"
         return ["nginx", "-c", str(conf), "-e", str(err)], ""
@@ -528,9 +578,26 @@ def row_argv(b: Bench, row: Row) -> tuple[list[str] | None, str]:
         "ready_port": row.port + 12000,
     }
     extra = [x.format(**ports) for x in extra]
-    upstreams = " ".join(f"--upstream {u}" for u in BACKENDS)
     a = b.args
     proxy = a.baseline_cmd if row.baseline else a.proxy_cmd
+    if row.kind == "sticky-tls":
+        # A Gateway HTTPS server, so not the quick-mode template: the same flags otherwise.
+        cert, key = bench_certificate(b.run_dir)
+        endpoints = "\n".join(
+            f"  - {{address: {u.rsplit(':', 1)[0]}, ports: {{http: {u.rsplit(':', 1)[1]}}}}}"
+            for u in BACKENDS
+        )
+        config = render(
+            "sticky-tls.yaml",
+            b.run_dir / f"sticky-tls-{row.port}.yaml",
+            PORT=row.port,
+            CERT=cert,
+            KEY=key,
+            ENDPOINTS=endpoints,
+        )
+        argv = [*shlex.split(proxy), "run", str(config), "--listen", f"127.0.0.1:{row.port}"]
+        return [*argv, "--log-level", "warning", *extra], ""
+    upstreams = " ".join(f"--upstream {u}" for u in BACKENDS)
     text = a.proxy_template.format(proxy=proxy, upstreams=upstreams, port=row.port)
     return [*shlex.split(text), *extra], ""
 
@@ -567,9 +634,17 @@ ROW_FAILURES = (RowError, OSError, http.client.HTTPException, subprocess.Subproc
 
 
 # --------------------------------------------------------------------------- HTTP helpers
-def http_get(port: int, cookie: str | None, path: str = "/") -> tuple[int, str, str | None]:
+def http_get(
+    port: int, cookie: str | None, path: str = "/", tls: bool = False
+) -> tuple[int, str, str | None]:
     """(status, pod named by the body, value of an issued ISTIOID cookie or None)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    if tls:  # the rows' self-signed certificate: not verified here
+        unverified = ssl._create_unverified_context()
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=10, context=unverified
+        )
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request("GET", path, headers={"Cookie": f"{COOKIE}={cookie}"} if cookie else {})
         resp = conn.getresponse()
@@ -585,29 +660,29 @@ def http_get(port: int, cookie: str | None, path: str = "/") -> tuple[int, str, 
         conn.close()
 
 
-def check_row(port: int, proxy: bool) -> str:
+def check_row(port: int, proxy: bool, tls: bool = False) -> str:
     """Functional check before any load; raises RowError when the row does not stick."""
     try:
-        return _check_row(port, proxy)
+        return _check_row(port, proxy, tls)
     except (OSError, http.client.HTTPException) as exc:
         raise RowError(f"CHECK FAILED: {exc!r}") from exc
 
 
-def _check_row(port: int, proxy: bool) -> str:
-    status, pod, _ = http_get(port, LOAD_COOKIE)
+def _check_row(port: int, proxy: bool, tls: bool) -> str:
+    status, pod, _ = http_get(port, LOAD_COOKIE, tls=tls)
     if status != 200 or not pod.startswith("pod-"):
         raise RowError(f"CHECK FAILED: GET / answered {status} {pod!r}")
     if not proxy:
         return f"200 {pod}"
     sticky, first = 0, set()
     for i in range(30):
-        pods = {http_get(port, f"user{i}")[1] for _ in range(3)}
+        pods = {http_get(port, f"user{i}", tls=tls)[1] for _ in range(3)}
         sticky += len(pods) == 1
         first |= pods
     issued_ok = 0
     for _ in range(5):  # new visitors: the issued cookie must lead back to the first pod
-        _, pod0, value = http_get(port, None)
-        if value and all(http_get(port, value)[1] == pod0 for _ in range(3)):
+        _, pod0, value = http_get(port, None, tls=tls)
+        if value and all(http_get(port, value, tls=tls)[1] == pod0 for _ in range(3)):
             issued_ok += 1
     note = f"sticky {sticky}/30, pods {len(first)}/3, issued cookie sticks {issued_ok}/5"
     if sticky < 30 or len(first) < 2 or issued_ok < 5:
@@ -620,13 +695,15 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-def run_wrk(b: Bench, port: int, load: str, seconds: float) -> dict[str, Any]:
+def run_wrk(b: Bench, port: int, load: str, seconds: float, tls: bool = False) -> dict[str, Any]:
     a = b.args
     argv = ["taskset", "-c", a.load_cpus, "wrk", "-t1", f"-c{a.conns}", f"-d{seconds:g}s"]
     argv += ["--latency"]
-    if load == "returning":
+    if load in ("returning", "reconnect"):
         argv += ["-H", f"Cookie: {COOKIE}={LOAD_COOKIE}"]
-    argv.append(f"http://127.0.0.1:{port}/")
+    if load == "reconnect":
+        argv += ["-H", "Connection: close"]  # every request on a new (TLS) connection
+    argv.append(f"{'https' if tls else 'http'}://127.0.0.1:{port}/")
     out = subprocess.run(
         argv, capture_output=True, text=True, timeout=seconds + 60, check=False
     ).stdout
@@ -650,11 +727,11 @@ def run_wrk(b: Bench, port: int, load: str, seconds: float) -> dict[str, Any]:
 def measure(b: Bench, row: Row, proc: Proc | None, load: str, rep: int) -> dict[str, Any]:
     a = b.args
     if a.warmup > 0:
-        run_wrk(b, row.port, load, a.warmup)
+        run_wrk(b, row.port, load, a.warmup, row.tls)
     root = proc.pid if proc else None
     assert b.backend is not None
     t0, k0, c0, w0 = tree_ticks(root), tree_ticks(b.backend.pid), cpu_busy(), time.monotonic()
-    r = run_wrk(b, row.port, load, a.duration)
+    r = run_wrk(b, row.port, load, a.duration, row.tls)
     t1, k1, c1, w1 = tree_ticks(root), tree_ticks(b.backend.pid), cpu_busy(), time.monotonic()
     wall = w1 - w0
     user = sum(t1[p][0] - t0[p][0] for p in t1 if p in t0) / CLK
@@ -699,7 +776,7 @@ def row_turn(
 ) -> None:
     """Start the row, check it, measure each load, note its memory, stop it."""
     with running(b, row, argv) as proc:
-        note = check_row(row.port, proc is not None)
+        note = check_row(row.port, proc is not None, row.tls)
         b.notes.setdefault(row.name, note)
         log(f"[check] {row.name}: {note}")
         pids = tree(proc.pid) if proc else []
@@ -804,8 +881,9 @@ def summarize(
             s["cpu_busy"] = {
                 cpu: _median([r["cpu_busy"].get(cpu) for r in runs]) for cpu in runs[0]["cpu_busy"]
             }
-            if row.name != "nginx" and _pick(results, "nginx", load):
-                ref = ("nginx", load)
+            # Ratios to nginx (HTTPS rows: to nginx-tls), kept under the same keys.
+            if row.name != row.ref and _pick(results, row.ref, load):
+                ref = (row.ref, load)
                 me = (row.name, load)
                 s["rps_vs_nginx"] = _per_rep(results, me, ref, _rps_ratio)
                 s["cpu_eff_vs_nginx"] = _per_rep(results, me, ref, _cpu_ratio)
@@ -866,6 +944,28 @@ def targets(
         f"{fmt(summary.get('sticky-1w/new', {}).get('us_per_req'), '.1f')} vs "
         f"{fmt(s1.get('us_per_req'), '.1f')} us/req",
     )
+    tls_ng = summary.get("nginx-tls/returning", {})
+    tls_me = summary.get("sticky-1w-tls/returning", {})
+    eff = tls_me.get("cpu_eff_vs_nginx")
+    add(
+        "TLS keep-alive CPU/request <= 1.3 x nginx with TLS (cpu-eff >= 0.77)",
+        eff,
+        None if eff is None else eff >= TARGET_TLS_CPU_EFF,
+        f"cpu-eff {fmt(eff, '.2f')}: sticky-1w-tls {fmt(tls_me.get('us_per_req'), '.1f')} us/req, "
+        f"nginx-tls {fmt(tls_ng.get('us_per_req'), '.1f')} us/req (returning visitors)",
+    )
+    new_ng = summary.get("nginx-tls/reconnect", {})
+    new_me = summary.get("sticky-1w-tls/reconnect", {})
+    ratio = new_me.get("rps_vs_nginx")
+    add(
+        "new TLS connections per second, ratio to nginx with TLS (reported)",
+        ratio,
+        None,
+        f"{fmt(new_me.get('rps'), '.0f')} vs {fmt(new_ng.get('rps'), '.0f')} "
+        f"handshakes+requests/s (ratio {fmt(ratio, '.2f')}); CPU per new connection "
+        f"{fmt(new_me.get('us_per_req'), '.0f')} vs {fmt(new_ng.get('us_per_req'), '.0f')} us "
+        f"(cpu-eff {fmt(new_me.get('cpu_eff_vs_nginx'), '.2f')})",
+    )
     for load in LOADS:
         two, one = summary.get(f"sticky-2w/{load}"), summary.get(f"sticky-1w/{load}")
         if two is None or one is None:
@@ -890,7 +990,8 @@ def table(
     lines = [
         f"wrk -t1 -c{a.conns} -d{a.duration:g}s (+{a.warmup:g}s warm-up), reps={a.reps}, "
         f"proxy on CPU {a.proxy_cpus} (2 workers: {a.multi_cpus}), wrk + backends on CPU "
-        f"{a.load_cpus}; medians; ratios are medians of per-rep ratios to nginx",
+        f"{a.load_cpus}; medians; ratios are medians of per-rep ratios to nginx (to nginx-tls "
+        "for the -tls rows)",
         "",
         "| row | load | req/s | p50 ms | p99 ms | CPU us/req | usr+sys | util | RSS peak (PSS) MB "
         "| rps/nginx | cpu-eff | p99-nginx ms | cpu0/cpu1 busy | others | err |",
@@ -922,7 +1023,8 @@ def table(
         "(100% = one core); RSS peak: sum of VmHWM over the tree (forked workers count shared "
         "pages again), PSS: proportional set size at the end of the turn; others: CPU time "
         "other processes took on the proxy's cores (>10%: req/s and latency of that row are "
-        "disturbed); cpu-eff = nginx us / row us.",
+        "disturbed); cpu-eff = nginx us / row us. Load reconnect: Connection: close on every "
+        "request, so req/s is new (TLS) connections per second.",
         "",
         "Rows:",
     ]
@@ -1376,7 +1478,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(r.name for r in ROWS if r.default),
         help=f"comma list of rows (known: {', '.join(names)})",
     )
-    ap.add_argument("--loads", default=",".join(LOADS), help="returning,new (default both)")
+    ap.add_argument(
+        "--loads",
+        default=",".join(ALL_LOADS),
+        help="returning,new,reconnect (default all; each row runs those it has: reconnect is "
+        "the TLS rows' new-connection load)",
+    )
     ap.add_argument("--reps", type=int, default=int(os.environ.get("REPS", "3")))
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of unrecorded load first")
@@ -1409,8 +1516,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.quick:
         a.reps, a.duration = 1, 5.0
     a.loads = [x for x in a.loads.split(",") if x]
-    if set(a.loads) - set(LOADS):
-        ap.error(f"--loads: known loads are {', '.join(LOADS)}")
+    if set(a.loads) - set(ALL_LOADS):
+        ap.error(f"--loads: known loads are {', '.join(ALL_LOADS)}")
     unknown = [n for n in a.rows.split(",") if n and n not in names]
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {', '.join(names)}")

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate Istio YAML files or folders (exit 0 when valid, 2 with the errors)",
     )
     check.add_argument("paths", nargs="+", metavar="PATH", help="YAML file or folder")
+    _add_credentials(check)
 
     route = sub.add_parser(
         "route",
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2 when the configuration or the arguments are wrong.",
     )
     route.add_argument("paths", nargs="+", metavar="PATH", help="YAML file or folder")
+    _add_credentials(route)
     route.add_argument("--host", required=True, help="Host header (a port in it is ignored)")
     route.add_argument("--path", default="/", help="request path, may include ?query (default /)")
     route.add_argument("--method", default="GET", help="request method (default GET)")
@@ -82,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_credentials(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--credentials",
+        metavar="DIR",
+        help="where a credentialName with no Secret in the YAML is looked up: DIR/NAME/tls.crt, "
+        "tls.key, ca.crt (a Kubernetes Secret as mounted)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(args.log_level if "log_level" in args else "info")
         return _run_loop(run_demo(args))
     if args.command == "check":
-        return _check(args.paths)
+        return _check(args.paths, args.credentials)
     if args.command == "route":
         return _route(args)
     parser.print_help()
@@ -112,6 +123,7 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "with --cookie/--ttl (default ISTIOID, 60s) or --header/--query/--source-ip.",
     )
     run.add_argument("paths", nargs="*", metavar="PATH", help="YAML file or folder")
+    _add_credentials(run)
     run.add_argument(
         "--listen",
         action="append",
@@ -230,6 +242,7 @@ class RunArgs:
     """
 
     paths: tuple[str, ...]
+    credentials: str | None
     listen: tuple[str, ...]
     dns_refresh: float
     log_level: str
@@ -374,7 +387,7 @@ def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
         if not listen:
             listen = (("0.0.0.0", opts.port),)
     else:
-        loaded = _load(args.paths)
+        loaded = _load(args.paths, args.credentials)
         if loaded is None:
             return EXIT_CONFIG
         config = loaded
@@ -429,6 +442,7 @@ def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
         else bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")),
         access_log=args.access_log,
         config_paths=tuple(args.paths),
+        credentials=args.credentials,
         watch=1.0 if args.watch else None,
         worker=worker or 0,
         ready_fd=args.ready_fd,
@@ -462,9 +476,9 @@ def _workers(text: str) -> int:
 # --------------------------------------------------------------------------- check
 
 
-def _load(paths: Sequence[str]) -> Config | None:
+def _load(paths: Sequence[str], credentials: str | None = None) -> Config | None:
     try:
-        config = load_config(paths)
+        config = load_config(paths, credentials)
     except ConfigError as exc:
         for line in exc.warnings:
             print(f"warning: {line}", file=sys.stderr)
@@ -478,10 +492,14 @@ def _load(paths: Sequence[str]) -> Config | None:
     return config
 
 
-def _check(paths: Sequence[str]) -> int:
-    config = _load(paths)
+def _check(paths: Sequence[str], credentials: str | None = None) -> int:
+    from proxy.istio_tls import tls_lint
+
+    config = _load(paths, credentials)
     if config is None:
         return EXIT_CONFIG
+    for line in tls_lint(config):
+        print(f"warning: {line}", file=sys.stderr)
     ports = ", ".join(str(listener.port) for listener in config.listeners) or "none"
     print(
         f"ok: {len(config.sources)} file(s), listeners on port(s) {ports}, "
@@ -513,7 +531,7 @@ def _route(args: argparse.Namespace) -> int:
     from proxy.explain import Probe, address_of, explain
     from proxy.routing import Router
 
-    config = _load(args.paths)
+    config = _load(args.paths, args.credentials)
     if config is None:
         return EXIT_CONFIG
     headers = _pairs(args.header, ":", "--header")

@@ -14,7 +14,9 @@ e.g. ``[2026-11-26T13:01:02.345Z] "GET /cart HTTP/1.1" 200 - 0 41 3 - "-" "curl/
 ``-`` (no upstream timing yet). ``json`` is one object per line with Istio's JSON keys
 (``start_time``, ``method``, ``path``, ``protocol``, ``response_code``, ``response_flags``,
 ``bytes_received``, ``bytes_sent``, ``duration``, ``upstream_service_time``,
-``x_forwarded_for``, ``user_agent``, ``request_id``, ``authority``, ``upstream_host``).
+``x_forwarded_for``, ``user_agent``, ``request_id``, ``authority``, ``upstream_host``,
+``requested_server_name``), plus ``downstream_tls_version`` (Envoy's %DOWNSTREAM_TLS_VERSION%,
+``TLSv1.3``): both null on plain HTTP.
 
 Why a thread
 ------------
@@ -138,6 +140,7 @@ class AccessLog:
         path = ex.target.decode("latin-1") or None
         rid = ex.request_id.decode("latin-1") or None
         authority = ex.authority.decode("latin-1") if ex.authority else None
+        tls = ex.tls
         return (
             f'{{"start_time":"{self._start_time(ex)}","method":{_json_text(method)},'
             f'"path":{_json_text(path)},"protocol":"{_PROTOCOLS.get(ex.version, "-")}",'
@@ -147,7 +150,9 @@ class AccessLog:
             f'"duration":{_number(int((ex.end - ex.start) * 1000))},"upstream_service_time":null,'
             f'"x_forwarded_for":{_json_text(xff)},"user_agent":{_json_text(agent)},'
             f'"request_id":{_json_text(rid)},"authority":{_json_text(authority)},'
-            f'"upstream_host":{_json_text(ex.upstream)}}}\n'
+            f'"upstream_host":{_json_text(ex.upstream)},'
+            f'"requested_server_name":{_json_text(tls.sni if tls is not None else None)},'
+            f'"downstream_tls_version":{_json_text(tls.version if tls is not None else None)}}}\n'
         )
 
     # ------------------------------------------------------------------ hand-off

@@ -201,6 +201,84 @@ class ConnectionPoolSettings:
 DEFAULT_POOL = ConnectionPoolSettings()
 
 
+# --------------------------------------------------------------------------- TLS
+
+TLS_VERSIONS = ("TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3")
+"""Istio's ``TLSProtocol`` values; ``TLS_AUTO`` leaves Envoy's default."""
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """A certificate chain and its private key (PEM) as read at load, and what it says.
+
+    ``source`` tells where it came from (the files, the Secret, the ``--credentials`` folder)
+    for messages and logs; ``files`` are the files read, watched for rotation (``--watch``).
+    The PEM bytes stay out of ``repr`` and ``/config_dump``.
+    """
+
+    chain: bytes = field(repr=False)
+    key: bytes = field(repr=False)
+    source: str
+    serial: str = ""  # hex, as openssl prints it
+    not_after: str = ""  # "Jan  1 00:00:00 2031 GMT"
+    names: tuple[str, ...] = ()  # subjectAltName DNS entries
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TrustBundle:
+    """CA certificates (PEM) as read at load: for client certificates, or upstream servers'."""
+
+    pem: bytes = field(repr=False)
+    source: str
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """A Gateway server's ``tls`` (Istio's ``ServerTLSSettings``) for a terminated HTTPS server.
+
+    The fields as written (file paths, ``credentialName``) and, filled at load by
+    ``proxy.istio_tls``, the material they name: ``certificate`` (always, once loaded) and
+    ``client_ca`` (MUTUAL and OPTIONAL_MUTUAL). ``where`` is the YAML path, for messages.
+    """
+
+    mode: Literal["SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"]
+    server_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    credential_name: str = ""
+    ca_credential_name: str = ""  # caCertCredentialName
+    min_version: str = "TLS_AUTO"
+    max_version: str = "TLS_AUTO"
+    cipher_suites: tuple[str, ...] = ()
+    certificate: Certificate | None = None
+    client_ca: TrustBundle | None = None
+    where: str = field(default="", compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """A DestinationRule's ``trafficPolicy.tls`` (Istio's ``ClientTLSSettings``), SIMPLE or MUTUAL.
+
+    ``ca`` None means the system's trust store (Istio's default); ``certificate`` is the client
+    certificate of MUTUAL. ``sni`` empty: the request's Host, as Envoy's auto_sni, and then with
+    no ``subject_alt_names`` the server certificate must match that name (auto_san_validation).
+    """
+
+    mode: Literal["SIMPLE", "MUTUAL"]
+    client_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    credential_name: str = ""
+    sni: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    insecure_skip_verify: bool = False
+    certificate: Certificate | None = None
+    ca: TrustBundle | None = None
+    where: str = field(default="", compare=False, repr=False)
+
+
 # --------------------------------------------------------------------------- clusters
 
 
@@ -253,6 +331,7 @@ class ClusterSpec:
     health_check: HealthCheckSpec | None = None  # sticky-proxy/health-check annotation
     panic_threshold: float = 50.0
     source: str = ""
+    tls: ClientTls | None = None  # DestinationRule trafficPolicy.tls: TLS to the endpoints
 
 
 def cluster_name(host: str, port: int, subset: str | None = None) -> str:
@@ -451,6 +530,16 @@ class GatewayServer:
     name: str = ""
     https_redirect: bool = False
     served: bool = True  # False: a TLS/TCP server sticky-proxy does not serve (warned)
+    tls: ServerTls | None = None  # an HTTPS server: TLS terminated here
+
+
+def server_route_name(gateway: GatewaySpec, server: GatewayServer) -> str:
+    """Istio's RDS name of an HTTPS server: ``https.443.<port name>.<gateway>.<namespace>``.
+
+    Each HTTPS server has a route table of its own (Envoy: one filter chain per server, chosen
+    by SNI), so a connection reaches only the virtual hosts of the server its SNI chose.
+    """
+    return f"https.{server.port}.{server.port_name}.{gateway.name}.{gateway.namespace}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,7 +559,10 @@ class GatewaySpec:
 
 @dataclass(frozen=True, slots=True)
 class ListenerSpec:
-    """One listening socket per Gateway port; every HTTP server on that port shares it."""
+    """One listening socket per Gateway port; every server on that port shares it.
+
+    ``protocol`` is HTTP, or HTTPS when its servers terminate TLS (``Config.tls_servers``).
+    """
 
     port: int
     bind: str = "0.0.0.0"
@@ -500,9 +592,21 @@ class Config:
     service_ports: Mapping[str, tuple[int, ...]] = field(default_factory=_frozen_ports)
     sources: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Certificate files read (Gateway and DestinationRule TLS, --credentials): --watch follows
+    # them like the YAML files, so a rotated certificate is picked up.
+    tls_files: tuple[str, ...] = ()
 
     def listener(self, port: int) -> ListenerSpec | None:
         for listener in self.listeners:
             if listener.port == port:
                 return listener
         return None
+
+    def tls_servers(self, port: int) -> list[tuple[str, GatewayServer]]:
+        """(RDS name, server) of the HTTPS servers on ``port``, in configuration order."""
+        return [
+            (server_route_name(gw, server), server)
+            for gw in self.gateways
+            for server in gw.servers
+            if server.port == port and server.served and server.tls is not None
+        ]

@@ -193,6 +193,7 @@ class Dispatcher:
         "_router",
         "port",
         "ref",
+        "server",
     )
 
     def __init__(
@@ -201,9 +202,13 @@ class Dispatcher:
         port: int,
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
+        server: str | None = None,
     ) -> None:
         self.ref = ref
         self.port = port
+        # An HTTPS server's route table (its RDS name): the connections whose SNI chose it
+        # reach its hosts only (Runtime.server_routers); None: the port's table.
+        self.server = server
         # Both live as long as the proxy: a reload swaps only ``ref.current``.
         self._metrics = metrics
         self._access_log = access_log
@@ -224,7 +229,11 @@ class Dispatcher:
         if runtime is not self._cached_for:
             self._cache.clear()
             self._cached_for = runtime
-            self._router = runtime.routers.get(self.port)
+            self._router = (
+                runtime.routers.get(self.port)
+                if self.server is None
+                else runtime.server_routers.get(self.server)
+            )
             self._cacheable = self._router is not None and not (
                 self._router.needs_headers or self._router.needs_query
             )

@@ -40,6 +40,7 @@ from typing import Final, cast
 
 import httptools
 
+from proxy.exchange import DownstreamTls
 from proxy.framing import (
     CHUNKED_LINE,
     CRLF,
@@ -136,6 +137,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._host_ok = b""  # the last Host found valid here (clients repeat theirs)
         self._target_ok = b""  # the last target found without a fragment here, likewise
         self._tunnel = False  # upgraded: what the client sends goes to _tunnel_data
+        self._tls: DownstreamTls | None = None  # an HTTPS listener's connection: its handshake
 
         # per-request state (the active exchange)
         self._active: ParsedRequest | None = None
@@ -193,6 +195,11 @@ class DownstreamConnection(asyncio.Protocol):
             self._peer = (peer[0], peer[1])
         if isinstance(sock, tuple):
             self._sock = (sock[0], sock[1])
+        tls = self._listener.tls
+        if tls is not None:
+            # The handshake is over (uvloop calls us after it): the server the client's SNI
+            # chose has its own route table, hence its own dispatcher (proxy.tls).
+            self._dispatcher, self._tls = tls(transport)
         if self._listener.connections is not None:
             self._listener.connections.add(self)
         self._go_idle(self._loop.time())
@@ -216,6 +223,8 @@ class DownstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         ex = self._active
+        if self._tls is not None:
+            return None  # a TLS transport closes on EOF whatever we answer (uvloop warns)
         if self._tunnel or ex is None or self._parsing is not None:
             return None  # nothing to answer, or a request cut short: close
         self._eof = True  # half-close after a complete request: answer, then close
@@ -306,7 +315,7 @@ class DownstreamConnection(asyncio.Protocol):
         if self._closed or len(self._queue) >= self._max_pipeline:
             raise _StopParsing  # answer what we have, then close
         self._messages += 1
-        self._parsing = ParsedRequest(self._peer, self._sock, self._loop.time())
+        self._parsing = ParsedRequest(self._peer, self._sock, self._loop.time(), self._tls)
         self._head_open = True
         self._head_bytes = 0
         self._head_unparsed = 0
@@ -607,7 +616,7 @@ class DownstreamConnection(asyncio.Protocol):
         ex = self._parsing
         self._parsing = None
         if ex is None:
-            ex = ParsedRequest(self._peer, self._sock, self._loop.time())
+            ex = ParsedRequest(self._peer, self._sock, self._loop.time(), self._tls)
         elif not ex.method:
             # Refused inside its request line (on_url never came): llhttp has the method if
             # it got that far, and a HEAD must get no body.

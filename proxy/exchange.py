@@ -167,6 +167,20 @@ class Forward:
         self.retry = retry
 
 
+class DownstreamTls:
+    """What a TLS client connection's handshake settled, shared by its exchanges (access log).
+
+    ``version`` is OpenSSL's name (``TLSv1.3``: Envoy's %DOWNSTREAM_TLS_VERSION%), ``sni`` the
+    name the client asked for (Envoy's %REQUESTED_SERVER_NAME%), None without SNI.
+    """
+
+    __slots__ = ("sni", "version")
+
+    def __init__(self, version: str, sni: str | None) -> None:
+        self.version = version
+        self.sni = sni
+
+
 class Exchange:
     """One request/response: what the dispatcher decides on, and the access-log record.
 
@@ -183,7 +197,8 @@ class Exchange:
     LocalReply; UO is a circuit breaker overflow. ``bytes_received``/``bytes_sent`` count body
     bytes (tunnel bytes after a 101). ``status`` is 0 when no response was started.
     ``retries`` counts the attempts after the first (connect failures included), ``replays``
-    those that sent the request again after it had reached a pod.
+    those that sent the request again after it had reached a pod. ``tls`` is the connection's
+    ``DownstreamTls`` (None on plain HTTP).
     """
 
     __slots__ = (
@@ -216,11 +231,18 @@ class Exchange:
         "status",
         "tag",
         "target",
+        "tls",
         "upstream",
         "version",
     )
 
-    def __init__(self, peer: tuple[str, int], sock: tuple[str, int], start: float) -> None:
+    def __init__(
+        self,
+        peer: tuple[str, int],
+        sock: tuple[str, int],
+        start: float,
+        tls: DownstreamTls | None = None,
+    ) -> None:
         self.method = b""
         self.target = b""
         self.version = b"1.1"
@@ -228,6 +250,7 @@ class Exchange:
         self.authority: bytes | None = None
         self.peer = peer
         self.sock = sock
+        self.tls = tls
         self.start = start
         self.end = 0.0
         self.status = 0

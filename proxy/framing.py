@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Final
 
-from proxy.exchange import Exchange
+from proxy.exchange import DownstreamTls, Exchange
 
 if TYPE_CHECKING:
     from proxy.exchange import Forward
@@ -103,8 +103,14 @@ class ParsedRequest(Exchange):
         "xff",
     )
 
-    def __init__(self, peer: tuple[str, int], sock: tuple[str, int], start: float) -> None:
-        super().__init__(peer, sock, start)
+    def __init__(
+        self,
+        peer: tuple[str, int],
+        sock: tuple[str, int],
+        start: float,
+        tls: DownstreamTls | None = None,
+    ) -> None:
+        super().__init__(peer, sock, start, tls)
         self.keep_alive = True
         self.upgrade: bytes | None = None  # Upgrade header value of an upgrade request
         self.chunked = False

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from typing import Final
@@ -54,6 +55,7 @@ import aiohttp
 
 from proxy.cluster import Cluster
 from proxy.config import ClusterSpec, Endpoint, HealthCheckSpec, OutlierDetection
+from proxy.tls import UpstreamTls
 from proxy.upstream import UpstreamPool
 
 __all__ = ["ClusterHealth", "HostHealth"]
@@ -149,6 +151,7 @@ class ClusterHealth:
         self.c5xx_threshold = o.consecutive_5xx_errors if o is not None else 0
         self.gateway_threshold = o.consecutive_gateway_errors if o is not None else 0
         self._session: aiohttp.ClientSession | None = None
+        self._tls_context: ssl.SSLContext | None = None
         self._apply_pending = False
         self._applied: frozenset[str] = frozenset()
         self._endpoints: tuple[Endpoint, ...] | None = None
@@ -306,10 +309,23 @@ class ClusterHealth:
         assert check is not None and self._session is not None
         ep = host.endpoint
         address = f"[{ep.address}]" if ":" in ep.address else ep.address
-        url = f"http://{address}:{ep.port}{check.path}"
+        tls = self.spec.tls
+        url = f"{'https' if tls else 'http'}://{address}:{ep.port}{check.path}"
         headers = {"Host": check.host or self.spec.host, "User-Agent": "sticky-proxy-health"}
+        options: dict[str, object] = {}
+        if tls is not None:
+            # The cluster's TLS (its CA, client certificate, SNI), but no name check: the
+            # check's request has no Host to take the name from (Envoy's auto_sni).
+            if self._tls_context is None:
+                self._tls_context = UpstreamTls(tls, check_names=False).context
+            options = {"ssl": self._tls_context, "server_hostname": tls.sni or None}
         try:
-            async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
+            async with self._session.get(
+                url,
+                headers=headers,
+                allow_redirects=False,
+                **options,  # type: ignore[arg-type]
+            ) as resp:
                 await resp.read()
                 return check.expect[0] <= resp.status <= check.expect[1]
         except (aiohttp.ClientError, TimeoutError, OSError):

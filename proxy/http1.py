@@ -23,6 +23,7 @@ import asyncio
 import functools
 import logging
 import socket
+from ssl import SSLContext
 
 from proxy.downstream import (
     FLUSH_NOW,
@@ -46,7 +47,7 @@ from proxy.framing import (
     response_framing,
     without,
 )
-from proxy.listener import Connections, ListenerState
+from proxy.listener import Connections, ListenerState, TlsHandshake
 from proxy.replies import (
     CONNECT_FAILURE,
     CONNECTION_TERMINATION,
@@ -64,6 +65,7 @@ from proxy.upstream import (
     CircuitBreaker,
     UpstreamConnection,
     UpstreamPool,
+    UpstreamTlsError,
 )
 
 __all__ = ["HttpConnection", "serve"]
@@ -94,6 +96,9 @@ class HttpConnection(DownstreamConnection):
         self._connect_task: asyncio.Task[UpstreamConnection] | None = None
         self._waiting: UpstreamPool | None = None  # queued there by its circuit breaker
         self._attempt = 0  # connect failures moved on to Forward.next_pool(k)
+        # The latest connect failure's TLS reason (Envoy's text), b"" for another failure: set
+        # on every connect failure, read only by the 503 that follows one.
+        self._tls_failure = b""
         self._retries = 0  # retries made under Forward.retry
         self._resent_stale = False  # the one resend after a stale keep-alive connection
         self._discard = False  # dropping a response that will be retried
@@ -223,6 +228,10 @@ class HttpConnection(DownstreamConnection):
     def _use_pool(self, pool: UpstreamPool, *, fresh: bool) -> None:
         ex = self._active
         assert ex is not None
+        if pool.auto_sni:  # TLS with the Host as SNI: one pool per name (proxy.upstream)
+            fwd = self._forward
+            authority = fwd.authority if fwd is not None else None
+            pool = pool.named(authority or ex.authority or b"")
         ex.upstream = pool.key
         self._pool = pool
         if fresh:
@@ -251,9 +260,13 @@ class HttpConnection(DownstreamConnection):
         if self._connect_task is task:
             self._connect_task = None
         exc = task.exception()
-        if exc is not None:  # refused, unreachable, timeout; anything else is logged
-            if not isinstance(exc, OSError | TimeoutError):
-                logger.warning("connect to %s failed", pool.key, exc_info=exc)
+        if exc is not None:  # refused, unreachable, timeout, TLS; anything else is logged
+            if isinstance(exc, UpstreamTlsError):
+                self._tls_failure = exc.reason
+            else:
+                self._tls_failure = b""
+                if not isinstance(exc, OSError | TimeoutError):
+                    logger.warning("connect to %s failed", pool.key, exc_info=exc)
             if self._active is ex and not self._closed:
                 self._connect_failed(ex, pool)
             return
@@ -299,7 +312,10 @@ class HttpConnection(DownstreamConnection):
             self._use_pool(nxt, fresh=False)  # at once: nothing was sent (module docstring)
             return
         ex.flags = "UF"
-        self._local_reply(ex, 503, CONNECT_FAILURE)
+        text = CONNECT_FAILURE
+        if self._tls_failure:
+            text += b", transport failure reason: " + self._tls_failure
+        self._local_reply(ex, 503, text)
 
     # ================================================================== retries
     def _take_retry(self, plan: RetryPlan) -> bool:
@@ -667,13 +683,25 @@ async def serve(
     sock: socket.socket | None = None,
     connections: Connections | None = None,
     backlog: int = 1024,
+    ssl: SSLContext | None = None,
+    tls: TlsHandshake | None = None,
 ) -> asyncio.Server:
-    """Listen on ``host:port`` (or on ``sock``) and proxy every request through ``dispatcher``."""
-    listener = ListenerState(dispatcher, settings, connections)
+    """Listen on ``host:port`` (or on ``sock``) and proxy every request through ``dispatcher``.
+
+    With ``ssl`` the listener terminates TLS (uvloop's TLS transport, ``proxy.tls``): ``tls``
+    then tells each connection, after its handshake, which dispatcher serves it; the handshake
+    must be over within the settings' ``header_timeout``.
+    """
+    listener = ListenerState(dispatcher, settings, connections, tls)
     loop = asyncio.get_running_loop()
+    handshake = settings.header_timeout if ssl is not None else None
     if sock is not None:
         return await loop.create_server(
-            lambda: HttpConnection(listener), sock=sock, backlog=backlog
+            lambda: HttpConnection(listener),
+            sock=sock,
+            backlog=backlog,
+            ssl=ssl,
+            ssl_handshake_timeout=handshake,
         )
     if port is None:
         raise ValueError("port is required without sock")
@@ -683,4 +711,6 @@ async def serve(
         port,
         reuse_port=reuse_port or None,
         backlog=backlog,
+        ssl=ssl,
+        ssl_handshake_timeout=handshake,
     )

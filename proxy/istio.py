@@ -24,6 +24,10 @@ clusters, and the result is assembled into a ``Config``:
   ServiceEntry; one level of a traffic policy in ``proxy.istio_policy``
 * ``proxy.istio_compile`` - the cross-resource pass
 
+A ``kind: Secret`` (``apiVersion: v1``) is read too, for the certificates a Gateway's or a
+DestinationRule's ``credentialName`` names (``proxy.istio_tls``); ``--credentials DIR`` is where
+they are looked up next (``load_config(..., credentials=DIR)``).
+
 Strictness: unknown fields, wrong types, bad durations (Go ``time.ParseDuration`` syntax: Istio
 decodes specs with the legacy ``golang/protobuf/jsonpb``, whose Duration parser it is), missing
 required fields, non-prime Maglev sizes and references to missing gateways or subsets are errors
@@ -63,6 +67,7 @@ from proxy.istio_reader import (
     parse_health_check,
     type_name,
 )
+from proxy.istio_tls import SECRET_FIELDS, read_secret
 from proxy.istio_vs import read_virtual_service
 
 __all__ = [
@@ -186,6 +191,9 @@ def _read_document(issues: Issues, where: str, data: object, out: Parsed) -> Non
     raw_name = metadata.get("name") if isinstance(metadata, dict) else None
     name = raw_name if isinstance(raw_name, str) and raw_name else ""
     api = data.get("apiVersion")
+    if kind == "Secret" and api == "v1":
+        _read_secret(issues, where, data, name, out)
+        return
     group, _, version = api.partition("/") if isinstance(api, str) else ("", "", "")
     if kind not in KINDS or (group and group != API_GROUP):
         label = f"{kind} {name}".strip()
@@ -237,6 +245,27 @@ def _read_document(issues: Issues, where: str, data: object, out: Parsed) -> Non
             out.service_entries.append(se)
 
 
+def _read_secret(
+    issues: Issues, where: str, data: dict[object, object], name: str, out: Parsed
+) -> None:
+    """A Kubernetes Secret: certificates for ``credentialName`` (``proxy.istio_tls``)."""
+    r = Reader(issues, where, f"Secret {name}" if name else "Secret")
+    top = r.mapping(data, "", SECRET_FIELDS)
+    if top is None:
+        return
+    meta = _metadata(r, "Secret", top.get("metadata"))
+    if meta is None:
+        return
+    previous = out.seen.get(("Secret", meta.key))
+    if previous is not None:
+        r.error("metadata.name", f"duplicate Secret {meta.key} (first defined in {previous})")
+        return
+    out.seen[("Secret", meta.key)] = where
+    secret = read_secret(r, meta, top)
+    if secret is not None:
+        out.secrets.append(secret)
+
+
 def _metadata(r: Reader, kind: str, metadata: object) -> Meta | None:
     if metadata is None:
         r.error("metadata", "required")
@@ -270,11 +299,12 @@ def _health_check(r: Reader, text: str | None) -> HealthCheckSpec | None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(paths: Sequence[str]) -> Config:
+def load_config(paths: Sequence[str], credentials: str | None = None) -> Config:
     """Load Istio YAML files or folders (multi-document) into a ``Config``.
 
-    Raises ``ConfigError`` listing every error of every file.  Warnings are returned in
-    ``Config.warnings``, not logged: the caller decides where they go.
+    ``credentials`` is the ``--credentials`` folder, where a ``credentialName`` with no Secret
+    in the YAML is looked up. Raises ``ConfigError`` listing every error of every file.
+    Warnings are returned in ``Config.warnings``, not logged: the caller decides where they go.
     """
     issues = Issues()
     parsed = Parsed()
@@ -284,10 +314,10 @@ def load_config(paths: Sequence[str]) -> Config:
         for where, data in _documents(path, issues):
             order.append(where)
             _read_document(issues, where, data, parsed)
-    return compile_resources(parsed, issues, files, order)
+    return compile_resources(parsed, issues, files, order, credentials)
 
 
-def load_text(text: str, name: str = "<text>") -> Config:
+def load_text(text: str, name: str = "<text>", credentials: str | None = None) -> Config:
     """Compile Istio YAML given as a string; ``name`` stands for the file in messages."""
     issues = Issues()
     parsed = Parsed()
@@ -295,7 +325,7 @@ def load_text(text: str, name: str = "<text>") -> Config:
     for where, data in _parse_text(text, name, issues):
         order.append(where)
         _read_document(issues, where, data, parsed)
-    return compile_resources(parsed, issues, [name], order)
+    return compile_resources(parsed, issues, [name], order, credentials)
 
 
 def _grouped(lines: Iterable[str], order: Sequence[str]) -> list[str]:
@@ -314,10 +344,14 @@ def _grouped(lines: Iterable[str], order: Sequence[str]) -> list[str]:
 
 
 def compile_resources(
-    parsed: Parsed, issues: Issues, sources: Sequence[str], order: Sequence[str] = ()
+    parsed: Parsed,
+    issues: Issues,
+    sources: Sequence[str],
+    order: Sequence[str] = (),
+    credentials: str | None = None,
 ) -> Config:
     """Cross-resource compilation; ``order`` lists the documents as read, for the messages."""
-    compiler = Compiler(parsed, issues)
+    compiler = Compiler(parsed, issues, credentials)
     virtual_services = compiler.virtual_services()
     listeners = compiler.listeners()
     compiler.build_clusters(listeners, virtual_services)
@@ -333,4 +367,5 @@ def compile_resources(
         service_ports=MappingProxyType(dict(compiler.service_ports)),
         sources=tuple(sources),
         warnings=tuple(warnings),
+        tls_files=tuple(dict.fromkeys(compiler.credentials.files)),
     )

@@ -11,6 +11,9 @@ ServiceEntry host.
 
 * **Destination port** when omitted: the ServiceEntry's only port, else the listener port
   (``GetDestinationCluster``) - so one route can target different clusters per Gateway port.
+* **TLS** (``proxy.istio_tls``): certificates named by Gateway servers and DestinationRules are
+  read first (Secrets of the YAML, then the ``--credentials`` folder); a port whose servers
+  terminate TLS is an HTTPS listener, and may not also have plain HTTP servers.
 * **Endpoints**: a ServiceEntry gives them (STATIC addresses, or DNS names; endpoint ``ports``
   map the service port by name, else ``targetPort``, else the port itself; weight 0 means 1);
   a host without a ServiceEntry is resolved through DNS at the destination port (a Kubernetes
@@ -46,10 +49,19 @@ from proxy.istio_dr import (
     effective_policy,
     hash_for_destination,
     merge_rules,
+    resolve_rule_tls,
     rule_for,
 )
 from proxy.istio_names import MESH_GATEWAY
 from proxy.istio_reader import Issues, Reader, did_you_mean, join_path
+from proxy.istio_tls import (
+    Credentials,
+    ParsedSecret,
+    PortServers,
+    check_port,
+    resolve_client_tls,
+    resolve_server_tls,
+)
 from proxy.istio_vs import ParsedVirtualService, RawDestination, RawRoute
 
 
@@ -59,15 +71,18 @@ class Parsed:
     virtual_services: list[ParsedVirtualService] = field(default_factory=list)
     destination_rules: list[ParsedDestinationRule] = field(default_factory=list)
     service_entries: list[ParsedServiceEntry] = field(default_factory=list)
+    secrets: list[ParsedSecret] = field(default_factory=list)
     seen: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 class Compiler:
     """Cross-resource work: references, DestinationRule merging, clusters, listeners."""
 
-    def __init__(self, parsed: Parsed, issues: Issues) -> None:
+    def __init__(self, parsed: Parsed, issues: Issues, credentials: str | None = None) -> None:
         self.parsed = parsed
         self.issues = issues
+        self.credentials = Credentials(parsed.secrets, credentials)
+        self._read_certificates()
         self.gateways = {gw.key: gw for gw, _ in parsed.gateways}
         self.rules = merge_rules(parsed.destination_rules)
         self.entries: dict[str, ParsedServiceEntry] = {}
@@ -86,6 +101,23 @@ class Compiler:
             host: tuple(p.number for p in se.ports) for host, se in self.entries.items()
         }
         self.clusters: dict[str, ClusterSpec] = {}
+
+    def _read_certificates(self) -> None:
+        """Every certificate the Gateways and DestinationRules name, read (errors recorded)."""
+        creds = self.credentials
+        gateways = []
+        for gw, r in self.parsed.gateways:
+            servers = tuple(resolve_server_tls(r, gw, server, creds) for server in gw.servers)
+            gateways.append((replace(gw, servers=servers), r))
+        self.parsed.gateways = gateways
+        for dr in self.parsed.destination_rules:
+            what = f"host {dr.host}"
+            resolve_rule_tls(
+                dr,
+                lambda tls, dr=dr, what=what: resolve_client_tls(  # type: ignore[misc]
+                    dr.reader, tls, creds, what, dr.meta.namespace
+                ),
+            )
 
     # ---- virtual services
 
@@ -167,10 +199,14 @@ class Compiler:
 
     def listeners(self) -> list[ListenerSpec]:
         by_port: dict[int, tuple[str, list[str], str]] = {}
+        kinds: dict[int, PortServers] = {}
         for gw, r in self.parsed.gateways:
             for i, server in enumerate(gw.servers):
                 if not server.served:
                     continue
+                on_port = kinds.setdefault(server.port, PortServers())
+                entry = (gw.key, server, r, f"spec.servers[{i}]")
+                (on_port.secure if server.tls is not None else on_port.plain).append(entry)
                 bind = server.bind or "0.0.0.0"
                 current = by_port.get(server.port)
                 if current is None:
@@ -185,8 +221,10 @@ class Compiler:
                     )
                 if gw.key not in current[1]:
                     current[1].append(gw.key)
+        for port, servers in kinds.items():
+            check_port(port, servers)
         return [
-            ListenerSpec(port, bind, "HTTP", tuple(gws))
+            ListenerSpec(port, bind, "HTTPS" if kinds[port].secure else "HTTP", tuple(gws))
             for port, (bind, gws, _) in sorted(by_port.items())
         ]
 
@@ -297,6 +335,16 @@ class Compiler:
         endpoints, source = self._endpoints(host, port, selector, subset)
         outlier = policy.outlier if policy else None
         health = (rule.health_check if rule else None) or (se.meta.health_check if se else None)
+        tls = policy.tls if policy else None
+        if (
+            tls is not None
+            and se is not None
+            and se.subject_alt_names
+            and not tls.subject_alt_names
+            and not tls.insecure_skip_verify
+        ):
+            # Istio's constructUpstreamTLS: the ServiceEntry's SANs stand in.
+            tls = replace(tls, subject_alt_names=se.subject_alt_names)
         self.clusters[name] = ClusterSpec(
             name=name,
             host=host,
@@ -309,6 +357,7 @@ class Compiler:
             health_check=health,
             panic_threshold=float(outlier.min_health_percent) if outlier else 50.0,
             source=source,
+            tls=tls,
         )
 
     def _endpoints(

@@ -23,13 +23,14 @@ DNS_ROUND_ROBIN are not supported.  How endpoints become a cluster's members is
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from proxy.affinity import HashPolicy
 from proxy.config import (
     UINT32_MAX,
+    ClientTls,
     Destination,
     HealthCheckSpec,
     host_subset_of,
@@ -220,7 +221,22 @@ def effective_policy(
             if sub_policy.outlier is not None or has_port_level
             else original.outlier
         ),
+        tls=sub_policy.tls if sub_policy.tls is not None or has_port_level else original.tls,
     )
+
+
+def resolve_rule_tls(dr: ParsedDestinationRule, resolve: Callable[[ClientTls], ClientTls]) -> None:
+    """Every ``tls`` of ``dr`` (top, subsets, their port levels) with its certificates read."""
+
+    def walk(policy: TrafficPolicy | None) -> TrafficPolicy | None:
+        if policy is None:
+            return None
+        levels = tuple((port, walk(level) or level) for port, level in policy.port_level)
+        tls = resolve(policy.tls) if policy.tls is not None else None
+        return replace(policy, tls=tls, port_level=levels)
+
+    dr.policy = walk(dr.policy)
+    dr.subsets = [replace(s, policy=walk(s.policy)) for s in dr.subsets]
 
 
 # --------------------------------------------------------------------------- ServiceEntry
@@ -252,6 +268,7 @@ class ParsedServiceEntry:
     ports: list[ServicePort]
     resolution: str
     endpoints: list[WorkloadEntry]
+    subject_alt_names: tuple[str, ...] = ()  # checked on TLS to its endpoints (istio_tls)
 
 
 def read_service_entry(r: Reader, meta: Meta, spec: object) -> ParsedServiceEntry | None:
@@ -328,7 +345,8 @@ def read_service_entry(r: Reader, meta: Meta, spec: object) -> ParsedServiceEntr
                 )
     if resolution == "STATIC" and not s.get("endpoints"):
         r.warn("spec.endpoints", "STATIC resolution without endpoints: the service has no backends")
-    return ParsedServiceEntry(meta, r, hosts, ports, resolution, endpoints)
+    sans = tuple(name for _, name in r.string_list(s, "subjectAltNames", "spec"))
+    return ParsedServiceEntry(meta, r, hosts, ports, resolution, endpoints, sans)
 
 
 def _workload_entry(

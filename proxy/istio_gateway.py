@@ -3,8 +3,9 @@
 Theory
 ------
 * **Gateways**: servers on one port merge into one listener; ``selector`` is accepted and
-  ignored (sticky-proxy *is* the gateway it would select); HTTPS/TLS/TCP servers are skipped
-  with a warning (plain HTTP only); ``tls.httpsRedirect`` answers 301 to https.
+  ignored (sticky-proxy *is* the gateway it would select); HTTPS servers terminate TLS (their
+  ``tls`` is ``proxy.istio_tls``'s); TLS/TCP servers are skipped with a warning;
+  ``tls.httpsRedirect`` answers 301 to https.
 
 A server's ``hosts`` entry is ``[namespace/]host``: no namespace means ``*``, ``.`` the
 Gateway's own namespace.  HTTP2, GRPC and GRPC-WEB servers are served as HTTP/1.1 (with a
@@ -23,14 +24,10 @@ from proxy.istio_reader import (
     join_path,
     wildcard_domain_problem,
 )
+from proxy.istio_tls import SERVER_TLS_FIELDS, read_server_tls
 
 _PROTOCOLS = words("HTTP HTTPS GRPC GRPC-WEB HTTP2 MONGO REDIS MYSQL TCP TLS UDP")
 _HTTP_LIKE = ("HTTP2", "GRPC", "GRPC-WEB")
-_SERVER_TLS_FIELDS = words(
-    "httpsRedirect mode serverCertificate privateKey caCertificates caCrl credentialName "
-    "credentialNames tlsCertificates subjectAltNames verifyCertificateSpki "
-    "verifyCertificateHash minProtocolVersion maxProtocolVersion cipherSuites"
-)
 
 
 def read_gateway(r: Reader, meta: Meta, spec: object) -> GatewaySpec | None:
@@ -99,16 +96,19 @@ def _server(r: Reader, path: str, item: object, namespace: str) -> GatewayServer
         r.error(join_path(path, "bind"), f"unix domain sockets are {NOT_SUPPORTED}")
     elif bind and not is_ip(bind):
         r.error(join_path(path, "bind"), f"{bind!r} is not a valid IP address")
-    tls = r.obj(m, "tls", path, _SERVER_TLS_FIELDS)
+    tls = r.obj(m, "tls", path, SERVER_TLS_FIELDS)
     https_redirect = bool(tls and r.boolean(tls, "httpsRedirect", join_path(path, "tls")))
     name = r.string(m, "name", path) or ""
     if number is None or protocol is None or port_name is None:
         return None
     served = True
+    server_tls = None
+    if protocol == "HTTPS" and tls is not None:
+        server_tls = read_server_tls(r, tls, join_path(path, "tls"))
     if protocol in ("HTTPS", "TLS"):
         if tls is None:
             r.error(join_path(path, "tls"), "server must have TLS settings for HTTPS/TLS protocols")
-        served = False
+        served = server_tls is not None
     elif tls is not None:
         if protocol == "HTTP" and set(tls) - {"httpsRedirect"}:
             r.error(
@@ -126,15 +126,15 @@ def _server(r: Reader, path: str, item: object, namespace: str) -> GatewayServer
         )
     if protocol in _HTTP_LIKE:
         r.warn(join_path(ppath, "protocol"), f"{protocol} is served as HTTP/1.1 by sticky-proxy")
-    elif protocol != "HTTP":
+    elif protocol not in ("HTTP", "HTTPS"):
         r.warn(
             ppath,
-            f"protocol {protocol} is {NOT_SUPPORTED} (plain HTTP only); "
+            f"protocol {protocol} is {NOT_SUPPORTED} (HTTP and HTTPS only); "
             f"server on port {number} skipped",
         )
         served = False
     return GatewayServer(
-        number, port_name, protocol, tuple(hosts), bind, name, https_redirect, served
+        number, port_name, protocol, tuple(hosts), bind, name, https_redirect, served, server_tls
     )
 
 

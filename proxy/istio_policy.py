@@ -12,7 +12,8 @@ that ``proxy.istio_dr`` can combine the levels as Istio does.  Within a level:
   a Maglev table size must be a prime below 5000011, by Envoy's ``isPrime`` (which counts 1).
 * ``connectionPool`` and ``outlierDetection``: what is not set keeps Istio's and Envoy's
   defaults, and several limits take 0 as "not set" (proto3 scalars have no presence).
-* ``tls``: origination is accepted with a warning; upstream connections are plain HTTP.
+* ``tls``: TLS to the endpoints (``proxy.istio_tls`` reads it; the certificates it names are
+  read in the cross-resource pass).
 """
 
 from __future__ import annotations
@@ -31,20 +32,18 @@ from proxy.affinity import (
 from proxy.config import (
     DEFAULT_POOL,
     UINT32_MAX,
+    ClientTls,
     ConnectionPoolSettings,
     ConsistentHashLB,
     LoadBalancerSettings,
     OutlierDetection,
     TcpKeepalive,
 )
-from proxy.istio_names import NOT_SUPPORTED, words
+from proxy.istio_names import NOT_SUPPORTED
 from proxy.istio_reader import Reader, join_path
+from proxy.istio_tls import CLIENT_TLS_FIELDS, read_client_tls
 
 _LB_SIMPLE = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
-_CLIENT_TLS_FIELDS = words(
-    "mode clientCertificate privateKey caCertificates credentialName subjectAltNames sni "
-    "insecureSkipVerify caCrl"
-)
 _POLICY_IGNORED = {
     "tunnel": f"tunnel settings are {NOT_SUPPORTED}",
     "proxyProtocol": f"the PROXY protocol is {NOT_SUPPORTED}",
@@ -60,6 +59,7 @@ class TrafficPolicy:
     pool: ConnectionPoolSettings | None = None
     outlier: OutlierDetection | None = None
     port_level: tuple[tuple[int, TrafficPolicy], ...] = ()
+    tls: ClientTls | None = None
 
     def for_port(self, port: int) -> tuple[TrafficPolicy, bool]:
         for number, policy in self.port_level:
@@ -89,16 +89,8 @@ def read_traffic_policy(
     lb = _load_balancer(r, m, path)
     pool = _connection_pool(r, m, path)
     outlier = _outlier(r, m, path)
-    tls = r.obj(m, "tls", path, _CLIENT_TLS_FIELDS)
-    if tls is not None:
-        mode = r.enum(
-            tls, "mode", join_path(path, "tls"), ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
-        )
-        if mode in ("SIMPLE", "MUTUAL"):
-            r.warn(
-                join_path(path, "tls.mode"),
-                f"TLS origination ({mode}) is {NOT_SUPPORTED}; upstream connections are plain HTTP",
-            )
+    raw_tls = r.obj(m, "tls", path, CLIENT_TLS_FIELDS)
+    tls = read_client_tls(r, raw_tls, join_path(path, "tls")) if raw_tls is not None else None
     levels: list[tuple[int, TrafficPolicy]] = []
     if port_level:
         for ppath, item in r.items(m, "portLevelSettings", path):
@@ -121,7 +113,7 @@ def read_traffic_policy(
                 )
                 continue
             levels.append((number, sub))
-    return TrafficPolicy(lb, pool, outlier, tuple(levels))
+    return TrafficPolicy(lb, pool, outlier, tuple(levels), tls)
 
 
 def _load_balancer(r: Reader, m: Mapping[str, object], path: str) -> LoadBalancerSettings | None:

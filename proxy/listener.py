@@ -5,6 +5,10 @@ connection reads lives below ``proxy.downstream`` and is handed to each connecti
 the listener accepts it. :class:`ListenerState` carries the dispatcher, the settings and what is
 precomputed from them, and the batch of writes held within one event-loop iteration (see
 ``DownstreamConnection.flush_soon``); :class:`Connections` is the set a graceful drain walks.
+
+An HTTPS listener also has ``tls``, called once per connection when its handshake is over: it
+answers with the dispatcher of the server the client's SNI chose (``proxy.tls``) and what the
+handshake settled (``DownstreamTls``). A plain HTTP listener pays nothing for it.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from proxy.exchange import HOP_BY_HOP, Dispatcher, ServerSettings
+from proxy.exchange import HOP_BY_HOP, Dispatcher, DownstreamTls, ServerSettings
 from proxy.framing import CRLF, FORWARDING, REQUEST_OWN
 
 if TYPE_CHECKING:
     # Typed as the class itself, not a Protocol: compiled, calls on it are C calls.
     from proxy.downstream import DownstreamConnection
+
+TlsHandshake = Callable[[asyncio.BaseTransport], tuple[Dispatcher, DownstreamTls]]
 
 
 class ListenerState:
@@ -33,14 +39,20 @@ class ListenerState:
         "request_drop",
         "server_line",
         "settings",
+        "tls",
     )
 
     def __init__(
-        self, dispatcher: Dispatcher, settings: ServerSettings, connections: Connections | None
+        self,
+        dispatcher: Dispatcher,
+        settings: ServerSettings,
+        connections: Connections | None,
+        tls: TlsHandshake | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.settings = settings
         self.connections = connections
+        self.tls = tls
         forwarding = FORWARDING if settings.xff else frozenset()
         self.request_drop = HOP_BY_HOP | REQUEST_OWN | forwarding
         self.server_line = b"server: " + settings.server_name.encode() + CRLF

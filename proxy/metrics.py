@@ -5,7 +5,8 @@ Theory
 Dashboards built for the Istio ingress gateway read three families, and we keep their names:
 
 * Istio's standard request metrics, labelled the way a gateway reports them
-  (``reporter="source"``, ``source_workload`` = us, ``destination_*`` = the cluster's service)::
+  (``reporter="source"``, ``source_workload`` = us, ``destination_*`` = the cluster's service,
+  ``connection_security_policy="unknown"`` on HTTP and HTTPS alike, as Istio's)::
 
       istio_requests_total                    counter
       istio_request_duration_milliseconds     histogram (Istio's buckets, 0.5 ms .. 1 h)
@@ -84,8 +85,13 @@ ISTIO_LABELS: Final = (
     "request_protocol",
     "response_code",
     "response_flags",
+    "connection_security_policy",
 )
 UNKNOWN: Final = "unknown"
+# Istio's stats filter sets connection_security_policy (mutual_tls / none) only where it
+# reports as the destination; a gateway reports as the source, where it is always "unknown",
+# with or without TLS (istio/proxy istio_stats.cc, populateFlagsAndConnectionSecurity).
+SECURITY_POLICY: Final = UNKNOWN
 
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -384,7 +390,7 @@ class ClusterStats:
     def _tally(self, key: tuple[int, str]) -> _Tally:
         m = self._metrics
         status, flags = key
-        labels = (*self._base, str(status), flags)
+        labels = (*self._base, str(status), flags, SECURITY_POLICY)
         upstream = None
         if self.name != UNKNOWN and status:
             upstream = m.upstream_rq.labels(self.name, f"{status // 100}xx")

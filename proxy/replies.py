@@ -6,6 +6,10 @@ here::
     where it breaks                                   client gets                          flags
     ------------------------------------------------  -----------------------------------  -----
     downstream (the client)
+      TLS handshake fails on an HTTPS port (no or     nothing; closed before any request   -
+        a bad client certificate for MUTUAL, no
+        common version or cipher, not done within
+        header_timeout)
       head > max_header_bytes, > max_headers lines    431 Request Header Fields Too Large   DPE
       malformed line/header/chunk, CL+TE, obs-fold,   400 Bad Request                       DPE
         duplicate Host, no Host on 1.1, TE on 1.0,
@@ -38,6 +42,10 @@ here::
       connect refused / connect timeout               503 upstream connect error or
         (after Forward.next_pool attempts)                disconnect/reset before headers.
                                                           reset reason: connection failure  UF
+      TLS handshake with the endpoint failed, or its  503 ... reset reason: connection
+        certificate names are not the ones the            failure, transport failure
+        DestinationRule lists (nothing was sent)          reason: TLS_error:|...:TLS_error_end
+                                                                                            UF
       closed after the request, before the head       503 ... reset reason: connection
         (a reused idle connection with nothing            termination                       UC
          but a head sent is first retried once,

@@ -55,6 +55,7 @@ from proxy.config import (
     cluster_name,
     destination_port,
     host_subset_of,
+    server_route_name,
 )
 from proxy.exchange import HeaderEdit, LocalReply
 from proxy.regex import Match, Regex, compile_regex
@@ -299,6 +300,7 @@ class _Entry:
         authority: str,
         headers: Mapping[str, str],
         query: Mapping[str, str],
+        scheme: str = "http",
     ) -> bool:
         kind = self.path_kind
         if kind == "prefix":
@@ -318,7 +320,7 @@ class _Entry:
             return False
         if self.authority is not None and not self.authority(authority):
             return False
-        if self.scheme is not None and not self.scheme("http"):
+        if self.scheme is not None and not self.scheme(scheme):
             return False
         for test in self.headers:
             if not test(headers.get(test.name)):
@@ -630,19 +632,33 @@ class Router:
     headers joined with ``,`` as Envoy does) and the query parameters (first occurrence, raw), and
     returns the decision or None (Envoy answers 404 ``NR``). ``needs_headers`` / ``needs_query``
     tell the caller whether any route looks at them at all.
+
+    ``https_server`` (an HTTPS server's RDS name, ``server_route_name``) builds that server's own
+    table, Envoy's route config for the filter chain its SNI chose: only its hosts, requests
+    on scheme ``https``. Without it the table has every server of the port (``route``).
     """
 
     def __init__(
-        self, config: Config, port: int, *, rand: Callable[[], float] | None = None
+        self,
+        config: Config,
+        port: int,
+        *,
+        https_server: str | None = None,
+        scheme: str = "http",
+        rand: Callable[[], float] | None = None,
     ) -> None:
         self.port = port
+        self.scheme = scheme
         self._rand = rand or random.random
         builder = _Builder(config, port)
+        only = https_server
         vhosts: dict[str, _VHost] = {}
         cache: dict[tuple[str, str], list[_Entry]] = {}
         for gateway in config.gateways:
             for server in gateway.servers:
                 if server.port != port or not server.served:
+                    continue
+                if only is not None and server_route_name(gateway, server) != only:
                     continue
                 for vs in config.virtual_services:
                     if gateway.key not in vs.gateways:
@@ -714,7 +730,7 @@ class Router:
         q = path.find("?")
         bare = path if q < 0 else path[:q]
         for entry in vhost.entries:
-            if entry.matches(path, bare, method, authority, headers, query):
+            if entry.matches(path, bare, method, authority, headers, query, self.scheme):
                 return self._decide(entry, vhost.name, authority, path, bare)
         return None
 
@@ -730,14 +746,21 @@ class Router:
                     action = candidate
                     break
         if action.redirect is not None:
-            location = _location(action.redirect, authority, path, bare, self.port)
+            location = _location(action.redirect, authority, path, bare, self.port, self.scheme)
             return RouteDecision(action, vhost, path, entry, location)
         return RouteDecision(action, vhost, path, entry)
 
 
-def _location(redirect: Redirect, authority: str, path: str, bare: str, listener_port: int) -> str:
+def _location(
+    redirect: Redirect,
+    authority: str,
+    path: str,
+    bare: str,
+    listener_port: int,
+    request_scheme: str = "http",
+) -> str:
     """Envoy's redirect URL (``RouteEntryImplBase::newUri``) as Istio configures it."""
-    scheme = redirect.scheme or "http"
+    scheme = redirect.scheme or request_scheme
     port = redirect.port
     if redirect.derive_port == "FROM_REQUEST_PORT":
         port = listener_port
@@ -751,7 +774,8 @@ def _location(redirect: Redirect, authority: str, path: str, bare: str, listener
         host = authority
         stripped = _strip_port(authority)
         request_port = authority[len(stripped) :]
-        remove = port is not None or (scheme != "http" and request_port == ":80")
+        default = ":443" if request_scheme == "https" else ":80"
+        remove = port is not None or (scheme != request_scheme and request_port == default)
         if request_port and remove:
             host = stripped
     if port is not None:

@@ -1,6 +1,7 @@
 """The runtime: everything the request path reads, built from one Config, behind one reference.
 
-This module owns ``Runtime`` (the routers per listener port and a ``ClusterRuntime`` per
+This module owns ``Runtime`` (the routers per listener port and per HTTPS server, the TLS
+certificates of each HTTPS port (``proxy.tls.TlsListener``) and a ``ClusterRuntime`` per
 cluster: its spec, its ``Cluster`` of connection pools, circuit breaker, health and stats),
 ``build_runtime``, which makes one from a ``Config`` and keeps the clusters of the previous one
 whose spec did not change, and ``RuntimeRef``, the single slot the control plane
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from proxy.cluster import Cluster
 from proxy.config import DEFAULT_LB, ClusterSpec, Config
 from proxy.health import ClusterHealth
 from proxy.routing import Router
+from proxy.tls import TlsListener, UpstreamTls
 from proxy.upstream import CircuitBreaker, UpstreamPool
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ class ClusterRuntime:
         breaker = self.breaker = CircuitBreaker(
             pool.max_connections, pool.http1_max_pending_requests, pool.max_retries
         )
+        tls = UpstreamTls(spec.tls) if spec.tls is not None else None  # one context per cluster
         self.cluster: Cluster[UpstreamPool] = Cluster(
             spec.name,
             spec.lb,
@@ -50,6 +53,7 @@ class ClusterRuntime:
                 max_requests_per_connection=pool.max_requests_per_connection,
                 max_connection_duration=pool.max_connection_duration,
                 breaker=breaker,
+                tls=tls,
             ),
             panic_threshold=spec.panic_threshold,
             on_rebuild=metrics.rebuilt if metrics is not None else None,  # type: ignore[arg-type]
@@ -59,6 +63,14 @@ class ClusterRuntime:
         self.tasks: list[asyncio.Task[None]] = []  # discovery refresh, health checks
 
 
+def _no_server_routers() -> Mapping[str, Router]:
+    return MappingProxyType({})
+
+
+def _no_tls() -> Mapping[int, TlsListener]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Runtime:
     """Everything the request path reads, built from one Config and swapped as one reference."""
@@ -66,6 +78,8 @@ class Runtime:
     config: Config
     routers: Mapping[int, Router]
     clusters: Mapping[str, ClusterRuntime]
+    server_routers: Mapping[str, Router] = field(default_factory=_no_server_routers)
+    tls: Mapping[int, TlsListener] = field(default_factory=_no_tls)  # HTTPS port -> certificates
 
 
 class RuntimeRef:
@@ -85,6 +99,16 @@ def build_runtime(
 ) -> Runtime:
     """A Runtime for ``config``, reusing ``previous``'s clusters whose spec is unchanged."""
     routers = {listener.port: Router(config, listener.port) for listener in config.listeners}
+    server_routers: dict[str, Router] = {}
+    tls: dict[int, TlsListener] = {}
+    for listener in config.listeners:
+        if listener.protocol == "HTTPS":
+            servers = config.tls_servers(listener.port)
+            for name, _ in servers:
+                server_routers[name] = Router(
+                    config, listener.port, https_server=name, scheme="https"
+                )
+            tls[listener.port] = TlsListener(listener.port, servers)
     old = previous.clusters if previous is not None else {}
     clusters: dict[str, ClusterRuntime] = {}
     for name, spec in config.clusters.items():
@@ -94,7 +118,13 @@ def build_runtime(
             clusters[name] = kept
         else:
             clusters[name] = ClusterRuntime(spec, metrics)
-    return Runtime(config, MappingProxyType(routers), MappingProxyType(clusters))
+    return Runtime(
+        config,
+        MappingProxyType(routers),
+        MappingProxyType(clusters),
+        MappingProxyType(server_routers),
+        MappingProxyType(tls),
+    )
 
 
 def _identity(spec: ClusterSpec) -> tuple[object, ...]:

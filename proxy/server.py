@@ -14,6 +14,11 @@ Two planes share one object graph and never lock:
   then counts the finished exchange and logs it. Both allocate little: header edits, status
   replies, Set-Cookie pieces and metric children are precomputed per route and per cluster.
 
+HTTPS listeners (``proxy.tls``) are created once with a context that wraps each new connection
+with the current runtime's certificates, so a reload that reads rotated certificate files or
+Secrets serves them on the next handshake while open connections keep theirs; ``--watch``
+follows the certificate files (and the ``--credentials`` folder) like the YAML files.
+
 Reload (SIGHUP, ``--watch``) loads and validates the files in a thread, builds a new ``Runtime``
 keeping the ``ClusterRuntime`` (pools, discovery, stats) of every cluster whose spec did not
 change, resolves the new clusters once, then swaps ``proxy.ref.current`` in one assignment. A
@@ -40,7 +45,7 @@ import logging
 import os
 import signal
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TextIO
 
 from proxy.admin import admin_app, metrics_app, readiness_app, start_app
@@ -52,6 +57,7 @@ from proxy.http1 import serve
 from proxy.istio import load_config
 from proxy.listener import Connections
 from proxy.runtime import ClusterRuntime, Runtime, RuntimeRef, build_runtime
+from proxy.tls import DownstreamHandshake, TlsListener, listener_context
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -86,6 +92,7 @@ class RunOptions:
     access_log: str = "off"  # off | text | json
     access_log_stream: TextIO | None = field(default=None, compare=False, repr=False)
     config_paths: tuple[str, ...] = ()
+    credentials: str | None = None  # --credentials: where credentialName is looked up
     watch: float | None = None  # poll the config files every this many seconds
     worker: int = 0  # index among --workers (0 counts control-plane events)
     ready_fd: int | None = None  # a worker writes b"ready\n" here once it serves
@@ -271,17 +278,39 @@ class Proxy:
 
     async def _start_listeners(self) -> None:
         for host, port, gateway_port in self._listen_addresses():
+            settings = self.options.settings
+            context = handshake = None
+            spec = self.runtime.config.listener(gateway_port)
+            if spec is not None and spec.protocol == "HTTPS":
+                settings = replace(settings, proto="https")
+                context = listener_context(functools.partial(self._tls_of, gateway_port))
+                handshake = DownstreamHandshake(
+                    functools.partial(self._server_dispatcher, gateway_port)
+                )
             server = await serve(
                 Dispatcher(self.ref, gateway_port, self.metrics, self.access_log),
                 host,
                 port,
-                self.options.settings,
+                settings,
                 reuse_port=self.options.reuse_port,
                 connections=self.connections,
+                ssl=context,
+                tls=handshake,
             )
             self.servers.append(server)
-        for host, port in self.addresses:
-            log.info("listening on %s:%d", host, port)
+            for sock in server.sockets:
+                bound_host, bound_port = sock.getsockname()[:2]
+                log.info("listening on %s:%d", bound_host, bound_port)
+            if context is not None:
+                for line in self.runtime.tls[gateway_port].describe():
+                    log.info("port %d TLS %s", gateway_port, line)
+
+    def _tls_of(self, port: int) -> TlsListener:
+        """The certificates of HTTPS port ``port`` in the runtime requests read now."""
+        return self.ref.current.tls[port]
+
+    def _server_dispatcher(self, port: int, route: str) -> Dispatcher:
+        return Dispatcher(self.ref, port, self.metrics, self.access_log, server=route)
 
     async def _start_operating_ports(self) -> None:
         opts = self.options
@@ -327,6 +356,7 @@ class Proxy:
             for line in config.warnings:
                 log.warning("reload: %s", line)
             old = self.runtime
+            self._log_certificates(old, runtime)
             added = [
                 crt for name, crt in runtime.clusters.items() if old.clusters.get(name) is not crt
             ]
@@ -344,8 +374,16 @@ class Proxy:
             )
             return True
 
+    def _log_certificates(self, old: Runtime, new: Runtime) -> None:
+        """Say which HTTPS servers serve another certificate from now on (rotation)."""
+        for port, listener in new.tls.items():
+            before = set(old.tls[port].describe()) if port in old.tls else set()
+            for line in listener.describe():
+                if line not in before:
+                    log.info("reload: port %d TLS %s", port, line)
+
     def _load_runtime(self, paths: Sequence[str]) -> tuple[Config, Runtime]:
-        config = load_config(list(paths))
+        config = load_config(list(paths), self.options.credentials)
         problem = self._unreloadable(config)
         if problem:
             raise ConfigError([problem])
@@ -359,6 +397,14 @@ class Proxy:
                 f"the Gateway ports changed ({old} -> {new}): listeners are not re-bound on "
                 "reload; restart the proxy to listen elsewhere"
             )
+        for listener in config.listeners:
+            before = self.runtime.config.listener(listener.port)
+            if before is not None and before.protocol != listener.protocol:
+                return (
+                    f"port {listener.port} changed from {before.protocol} to "
+                    f"{listener.protocol}: a listener does not change protocol on reload; "
+                    "restart the proxy"
+                )
         return None
 
     def _retire(self, crt: ClusterRuntime, *, still_named: bool) -> None:
@@ -378,15 +424,28 @@ class Proxy:
         else:
             log.error("reload: failed (%s); still serving the previous configuration", detail)
 
+    def _watched(self) -> tuple[str, ...]:
+        """The config files and folders, and the certificate files the running config read."""
+        paths = [*self.options.config_paths, *self.runtime.config.tls_files]
+        if self.options.credentials is not None:
+            paths.append(self.options.credentials)
+        return tuple(paths)
+
     async def _watch(self, interval: float) -> None:
-        seen = _fingerprint(self.options.config_paths)
+        watched = self._watched()
+        seen = _fingerprint(watched)
         while True:
             await asyncio.sleep(interval)
-            now = await asyncio.to_thread(_fingerprint, self.options.config_paths)
+            now = await asyncio.to_thread(_fingerprint, watched)
             if now != seen:
                 seen = now
                 log.info("config files changed: reloading")
                 await self.reload()
+                if self._watched() != watched:
+                    # The new configuration reads other certificate files: follow those from
+                    # here on (their state now is the one just loaded, not a change).
+                    watched = self._watched()
+                    seen = await asyncio.to_thread(_fingerprint, watched)
 
     # ------------------------------------------------------------------ drain and stop
     def begin_drain(self, *, hurry: bool = False) -> None:
@@ -472,13 +531,21 @@ class Proxy:
 
 
 def _fingerprint(paths: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
-    """(file, mtime_ns, size) of every config file, to notice edits (``--watch``)."""
+    """(file, mtime_ns, size) of every config file, to notice edits (``--watch``).
+
+    A folder counts with its files and those of its subfolders one level down: the
+    ``--credentials`` folder holds one folder per Secret, as Kubernetes mounts them.
+    """
     found: list[tuple[str, int, int]] = []
     for path in paths:
         names = [path]
         if os.path.isdir(path):
             with contextlib.suppress(OSError):
                 names = [os.path.join(path, n) for n in sorted(os.listdir(path))]
+            for name in list(names):
+                if os.path.isdir(name) and not os.path.basename(name).startswith(".."):
+                    with contextlib.suppress(OSError):
+                        names += [os.path.join(name, n) for n in sorted(os.listdir(name))]
         for name in names:
             try:
                 st = os.stat(name)

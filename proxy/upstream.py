@@ -48,6 +48,17 @@ so a request for a host the others crowd out never waits for ever.
 Outlier detection hooks in per endpoint: ``UpstreamPool.monitor`` (set by ``proxy.health``)
 receives the outcome of every attempt (:class:`HostMonitor`), so a request that fails on one
 pod and succeeds on a retry still counts the failure against the first pod.
+
+TLS to the endpoint (DestinationRule ``tls``)
+---------------------------------------------
+A pool with ``tls`` (``proxy.tls.UpstreamTls``) opens its connections with the cluster's
+``ssl`` context; keep-alive reuses them like plain ones. A handshake that fails, or a server
+certificate whose names the DestinationRule does not list, fails the connect with
+:class:`UpstreamTlsError`, whose ``reason`` is Envoy's transport failure text: nothing was sent.
+With no ``sni`` in the rule the SNI is the request's Host (Envoy's auto_sni), so connections
+are kept per name: :meth:`UpstreamPool.named` gives the pool of one name, which shares the
+endpoint's breaker and monitor (a client chooses its Host: past 64 names, those with no
+connection are forgotten).
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ if TYPE_CHECKING:
     # The sink is typed as the one class that implements it, not as a Protocol: compiled, a
     # call through a Protocol is a Python method call, a call on a native class a C call.
     from proxy.http1 import HttpConnection
+    from proxy.tls import UpstreamTls
 
 __all__ = [
     "OPEN",
@@ -78,6 +90,7 @@ __all__ = [
     "PoolWaiter",
     "UpstreamConnection",
     "UpstreamPool",
+    "UpstreamTlsError",
     "callback_error",
 ]
 
@@ -95,6 +108,7 @@ QUEUED: Final = 2  # wait: PoolWaiter.pool_ready is called later
 OVERFLOW: Final = 3  # a circuit breaker is full: 503, reset reason overflow
 
 UNLIMITED: Final = 2**32 - 1  # Envoy's "no limit" for circuit breakers (Istio's defaults)
+_MAX_NAMES: Final = 64  # SNI names kept per endpoint before the unused ones are dropped
 
 _KEEP_ALIVE_TOKENS: Final = frozenset({b"close", b"keep-alive"})
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
@@ -186,6 +200,16 @@ def callback_error(exc: httptools.HttpParserError) -> BaseException | None:
     coroutines can leave behind on the loop, so it must not be read as ours.
     """
     return exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+
+
+class UpstreamTlsError(Exception):
+    """The TLS handshake with the endpoint failed; ``reason`` is Envoy's transport failure
+    reason (``TLS_error:|...:TLS_error_end``), shown in the 503's body. (Not an OSError:
+    mypyc compiles subclasses of Exception only.)"""
+
+    def __init__(self, reason: bytes) -> None:
+        super().__init__(reason.decode("latin-1"))
+        self.reason = reason
 
 
 class _Unexpected(Exception):
@@ -570,9 +594,11 @@ class UpstreamPool:
         "_closed",
         "_idle",
         "_loop",
+        "_named",
         "_timer",
         "_waiters",
         "_waiters_scheduled",
+        "auto_sni",
         "breaker",
         "connect_timeout",
         "connections",
@@ -585,6 +611,8 @@ class UpstreamPool:
         "monitor",
         "opened",
         "port",
+        "sni",
+        "tls",
     )
 
     def __init__(
@@ -598,6 +626,8 @@ class UpstreamPool:
         max_requests_per_connection: int = 0,
         max_connection_duration: float | None = None,
         breaker: CircuitBreaker | None = None,
+        tls: UpstreamTls | None = None,
+        sni: str | None = None,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port out of range: {port}")
@@ -626,13 +656,52 @@ class UpstreamPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self.tls = tls
+        # With TLS and no fixed SNI, each request's Host is its SNI: the pool to use is then
+        # named(host), never this one (http1's _use_pool). A named pool has its sni set.
+        self.sni = sni if sni is not None else (tls.sni if tls is not None else None)
+        self.auto_sni = tls is not None and tls.auto_sni and sni is None
+        self._named: dict[str, UpstreamPool] = {}
 
     def __repr__(self) -> str:
         return f"<UpstreamPool {self.key} idle={len(self._idle)} opened={self.opened}>"
 
     @property
     def idle_count(self) -> int:
-        return len(self._idle)
+        return len(self._idle) + sum(len(p._idle) for p in self._named.values())
+
+    def named(self, authority: bytes) -> UpstreamPool:
+        """The pool of this endpoint for one SNI name (``auto_sni``): ``authority`` is the
+        upstream request's Host; its port is not part of the name (Envoy's auto_sni)."""
+        host = authority.decode("latin-1").lower()
+        if host.startswith("["):  # [v6]:port
+            end = host.find("]")
+            host = host[1:end] if end > 0 else host
+        elif host.count(":") == 1:
+            host = host.partition(":")[0]
+        pool = self._named.get(host)
+        if pool is None:
+            if len(self._named) >= _MAX_NAMES:
+                # A client chooses its Host: names with no connection are forgotten, so the
+                # map holds at most the names of open connections, plus a few.
+                for name, unused in list(self._named.items()):
+                    if not unused.connections and not unused._waiters:
+                        del self._named[name]
+            pool = UpstreamPool(
+                self.host,
+                self.port,
+                max_idle=self.max_idle,
+                idle_timeout=self.idle_timeout,
+                connect_timeout=self.connect_timeout,
+                max_requests_per_connection=self.max_requests_per_connection,
+                max_connection_duration=self.max_connection_duration,
+                breaker=self.breaker,
+                tls=self.tls,
+                sni=host,
+            )
+            self._named[host] = pool
+        pool.monitor = self.monitor  # outlier detection sees the endpoint, whatever the name
+        return pool
 
     @property
     def waiting(self) -> int:
@@ -681,7 +750,8 @@ class UpstreamPool:
             self.breaker._waiting.discard(self)
 
     async def connect(self) -> UpstreamConnection:
-        """A new connection; raises OSError (refused, unreachable) or TimeoutError."""
+        """A new connection; raises OSError (refused, unreachable), TimeoutError or
+        UpstreamTlsError (its TLS handshake failed)."""
         self._reserve()
         return await self._open_reserved()
 
@@ -720,9 +790,12 @@ class UpstreamPool:
         conn: UpstreamConnection | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port
-                )
+                if self.tls is None:
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(self), self.host, self.port
+                    )
+                else:
+                    conn = await self._connect_tls(loop, self.tls)
         except BaseException:
             if conn is not None:
                 conn.close(abort=True)
@@ -738,6 +811,31 @@ class UpstreamPool:
             loop.call_later(self.max_connection_duration, conn.expire)
         if self._waiters:
             self._schedule_waiters()
+        return conn
+
+    async def _connect_tls(
+        self, loop: asyncio.AbstractEventLoop, tls: UpstreamTls
+    ) -> UpstreamConnection:
+        """A connection whose handshake succeeded and whose certificate names are accepted."""
+        try:
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(self),
+                self.host,
+                self.port,
+                ssl=tls.context,
+                # No SNI without a name (an IP is never sent as SNI); "" tells asyncio so.
+                server_hostname=self.sni or "",
+            )
+        except OSError as exc:
+            reason = tls.failure_reason(exc)
+            if reason is None:
+                raise
+            raise UpstreamTlsError(reason) from exc
+        transport = conn.transport
+        problem = tls.check(transport) if transport is not None else None
+        if problem is not None:
+            conn.close(abort=True)
+            raise UpstreamTlsError(problem)
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -771,6 +869,8 @@ class UpstreamPool:
             self._timer = None
         while self._idle:
             self._idle.pop().close()
+        for pool in list(self._named.values()):
+            await pool.close()
 
     def _uncount(self) -> None:
         self.connections -= 1

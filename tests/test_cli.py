@@ -39,6 +39,7 @@ EVERYTHING = [
     "--upstream", "127.0.0.1:1", "--upstream", "127.0.0.1:2", "--cookie", "sid", "--ttl", "5m",
     "--passive", "--cookie-path=-app", "--header", "x-user", "--query", "u", "--source-ip",
     "--maglev", "--table-size", "131", "--ring-size", "2048", "--print-config",
+    "--credentials", "/var/run/secrets/-certs",
     "--", "a.yaml", "-odd.yaml",
 ]  # fmt: skip
 
@@ -50,7 +51,9 @@ def test_run_argv_parses_back_to_the_same_arguments(argv: list[str]) -> None:
 
 
 def test_a_worker_runs_the_users_flags_on_the_supervisors_ports() -> None:
-    args = parse_run(["run", "config/", "--workers", "2", "--dns-refresh", "2", "--watch"])
+    args = parse_run(
+        ["run", "config/", "--workers", "2", "--dns-refresh", "2", "--watch", "--credentials", "c"]
+    )
     listen = [("127.0.0.1", 8080), ("::1", 8081)]
     first = parse_run(worker_argv(args, 0, listen, 15000, ready_fd=7))
     assert first == replace(

@@ -252,7 +252,7 @@ def test_gateway_servers_ports_hosts_and_merging() -> None:
             hosts: ["*", "*.example.com", "shop/api.example.com", "./own.example.com"]
           - port: {number: 8443, name: https, protocol: HTTPS}
             hosts: ["*"]
-            tls: {mode: SIMPLE, credentialName: cert}
+            tls: {mode: PASSTHROUGH}
           - port: {number: 9090, name: grpc, protocol: GRPC}
             hosts: ["*"]
             bind: 127.0.0.1
@@ -285,8 +285,9 @@ def test_gateway_servers_ports_hosts_and_merging() -> None:
         (9090, "127.0.0.1", ("edge/a",)),
     ]
     assert config.warnings == (
-        "t.yaml[1]: Gateway a: spec.servers[1].port: protocol HTTPS is not supported by "
-        "sticky-proxy (plain HTTP only); server on port 8443 skipped",
+        "t.yaml[1]: Gateway a: spec.servers[1].tls.mode: TLS passthrough (PASSTHROUGH: raw TLS "
+        "routed by SNI to tls routes) is not supported by sticky-proxy; server skipped (use "
+        "SIMPLE or MUTUAL to terminate TLS here)",
         "t.yaml[1]: Gateway a: spec.servers[2].port.protocol: GRPC is served as HTTP/1.1 by "
         "sticky-proxy",
     )
