@@ -51,8 +51,8 @@ Each request carries a unique marker (``x-fuzz`` header) so the backend can coun
 the backend for an answer (``x-fuzz-reply``: 200 with Content-Length or chunked, 503, 204, 100
 then 200, 101 for an upgrade). Requests smuggled inside bodies carry markers too.
 
-A response head over the proxy's 60 KiB limit (62 KiB, in one write or in 16) must be a 502. ERRORs
-are read from the proxy's loggers in-process, from its output as a process (bench/fuzz.py).
+A response head over the proxy's 60 KiB limit (62 KiB, in one write or in 16) must be a 502.
+ERRORs are read from the proxy's loggers in-process, from its output as a process (bench/fuzz.py).
 
 Known defects
 -------------
@@ -1325,7 +1325,7 @@ def check(
         if req.verdict == "reject" and req.body_level and any(s.complete for s in seen):
             problems.append(f"request {i} has a broken body, yet reached the backend complete")
         for s in seen:
-            for name in (b"http2-settings", b"keep-alive", *req.hop):
+            for name in (b"http2-settings", *req.hop):
                 if s.header(name):
                     problems.append(f"request {i}: hop-by-hop header {name!r} reached the backend")
             if req.upgrade:
