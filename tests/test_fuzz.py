@@ -293,8 +293,8 @@ def test_error_reply_to_head_has_no_body(harness: Harness, raw: bytes) -> None:
 @pytest.mark.xfail(reason=KNOWN_DEFECTS["head-bad-target"], strict=True)
 @pytest.mark.parametrize(
     "target",
-    [b"/\xc3\xa9", b"/a\x01b", b"/a\tb", b"p", b"", b"test.com:80"],
-    ids=["utf-8", "ctl", "tab", "p", "none", "authority-form"],
+    [b"/\xc3\xa9", b"/a\x01b", b"/a\tb", b"p", b"", b"test.com:80", b"http://test.com#x"],
+    ids=["utf-8", "ctl", "tab", "p", "none", "authority-form", "absolute-fragment"],
 )
 def test_error_reply_to_head_with_a_bad_target_has_no_body(harness: Harness, target: bytes) -> None:
     """llhttp stops inside the target, so on_url never runs and the method stays unknown."""
