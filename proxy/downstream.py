@@ -439,6 +439,12 @@ class DownstreamConnection(asyncio.Protocol):
         if not self._parser.should_upgrade():
             ex.upgrade = None  # Upgrade without "Connection: upgrade" is just a header
             return
+        if ex.version == b"1.0":
+            # RFC 9110 §7.8: a server must ignore Upgrade in an HTTP/1.0 request. llhttp stops
+            # after its head all the same: read on as for a stripped h2c.
+            ex.upgrade = None
+            self._stripped = ex
+            return
         verdict = upgrade_verdict(ex.upgrade, self._upgrades)
         if verdict == FORWARD:
             if ex.chunked or ex.content_length not in (None, b"0"):
@@ -617,9 +623,10 @@ class DownstreamConnection(asyncio.Protocol):
         self._parsing = None
         if ex is None:
             ex = ParsedRequest(self._peer, self._sock, self._loop.time(), self._tls)
-        elif not ex.method:
-            # Refused inside its request line (on_url never came): llhttp has the method if
-            # it got that far, and a HEAD must get no body.
+        elif not ex.method and not isinstance(exc, httptools.HttpParserInvalidMethodError):
+            # Refused inside its target (on_url never came): llhttp has read this request's
+            # method, and a HEAD must get no body. (A refused method leaves llhttp holding the
+            # previous request's.)
             ex.method = self._parser.get_method()
         ex.error = (status, text)
         ex.body_done = True

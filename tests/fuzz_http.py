@@ -94,17 +94,7 @@ HEAD_LIMIT = 60 * 1024  # ServerSettings.max_header_bytes (request and response 
 BIG_HEADS = ("bighead", "bigsplit")  # replies with a 62 KiB head: in one write, in 16
 MAX_HEADERS = 100  # ServerSettings.max_headers: a request with more header lines gets 431
 
-KNOWN_DEFECTS: dict[str, str] = {
-    "upgrade-pipelined": "new: the bytes after an upgrade request pipelined behind a request"
-    " still waiting for its upstream connection are sent as that request's body (with"
-    " Content-Length: past its end, a request of their own on the pooled upstream connection)",
-    "head-bad-target": "new: a HEAD whose target llhttp refuses inside the request line (a byte"
-    " it does not take in a target, no target, a fragment right after an absolute-form"
-    " authority) gets a 400 with a body",
-    "host-port-twice": "new: an absolute-form target with a port and a Host of that authority"
-    " plus the scheme's default port (Host: 127.0.0.1:9:80, not host[:port]) is forwarded, not"
-    " refused (400)",
-}
+KNOWN_DEFECTS: dict[str, str] = {}
 
 
 def compiled() -> bool:
@@ -390,8 +380,6 @@ def agreeing_host(
     default = b":443" if target.scheme.lower() == b"https" else b":80"
     bare = target.authority.removesuffix(default)
     with_port = bare + default
-    if "host-port-twice" in known and bare.rpartition(b"]")[2].count(b":"):
-        with_port = bare  # it has a port of its own: Host "h:9:80" is forwarded (a defect)
     host = draw(_pick(*([bare, with_port] + ([] if clean else [bare + b":1", b"other." + bare]))))
     return host.swapcase() if draw(st.booleans()) else host
 
@@ -681,8 +669,6 @@ def requests(draw: st.DrawFn, known: frozenset[str], first: bool, last: bool) ->
     upgrade = False
     conn_kinds = ["none"] * 4 + ["close", "keep-alive", "hop", "websocket", "h2c", "bare-upgrade"]
     conn_kind = draw(_pick(*(conn_kinds if clean else [*conn_kinds, "other-upgrade"])))
-    if conn_kind == "websocket" and not first and "upgrade-pipelined" in known:
-        conn_kind = "none"
     if conn_kind == "close":
         headers.append(b"Connection: close")
         closes = True
@@ -699,7 +685,8 @@ def requests(draw: st.DrawFn, known: frozenset[str], first: bool, last: bool) ->
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
             b"Sec-WebSocket-Version: 13",
         ]
-        upgrade = True
+        # RFC 9110 §7.8: an HTTP/1.0 request's Upgrade is ignored (the request goes on).
+        upgrade = version != b"HTTP/1.0"
         closes = True
     elif conn_kind == "h2c":  # stripped: the request goes on as HTTP/1.1, body and all
         headers += [
@@ -771,8 +758,6 @@ def requests(draw: st.DrawFn, known: frozenset[str], first: bool, last: bool) ->
         raw = raw[: len(raw) - draw(st.integers(0, min(len(encoded), 20)))]
     verdict = _combine(verdicts)
     body_level = b_verdict == "body-reject" and verdict != "reject"
-    if "head-bad-target" in known and method == "HEAD" and target.verdict != "ok":
-        raw, method = b"GET" + raw[4:], "GET"  # (also the targets the proxy refuses itself)
     req = Req(
         raw=raw,
         method=method,

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 import pytest
 from fuzz_http import (
     BIG_HEADS,
-    KNOWN_DEFECTS,
     MARK,
     Case,
     Harness,
@@ -165,15 +164,13 @@ def test_valid_host_is_forwarded(harness: Harness, host: bytes) -> None:
     assert_holds(harness, request(raw, authority=host.rstrip(b" \t")))
 
 
-@pytest.mark.xfail(reason=KNOWN_DEFECTS["host-port-twice"], strict=True)
 def test_host_with_two_ports_is_refused_with_absolute_form(harness: Harness) -> None:
     """RFC 9112 §3.2: a Host that is not host[:port] is a 400, whatever the target. Here it is
-    the target's authority plus ":80", which framing.same_authority strips before comparing."""
+    the target's authority plus ":80", which would agree with the target once ":80" is off."""
     raw = b"GET http://127.0.0.1:9/p HTTP/1.1\r\nHost: 127.0.0.1:9:80\r\nx-fuzz: " + MARK
     assert_holds(harness, request(raw + b"\r\n\r\n", verdict="reject"))
 
 
-@pytest.mark.xfail(reason=KNOWN_DEFECTS["upgrade-pipelined"], strict=True)
 @pytest.mark.parametrize(
     "framing",
     [b"Content-Length: 1\r\n\r\nA", b"Transfer-Encoding: chunked\r\n\r\n1\r\nA\r\n0\r\n\r\n"],
@@ -290,14 +287,14 @@ def test_error_reply_to_head_has_no_body(harness: Harness, raw: bytes) -> None:
     assert_holds(harness, request(raw, method="HEAD", verdict="reject"))
 
 
-@pytest.mark.xfail(reason=KNOWN_DEFECTS["head-bad-target"], strict=True)
 @pytest.mark.parametrize(
     "target",
     [b"/\xc3\xa9", b"/a\x01b", b"/a\tb", b"p", b"", b"test.com:80", b"http://test.com#x"],
     ids=["utf-8", "ctl", "tab", "p", "none", "authority-form", "absolute-fragment"],
 )
 def test_error_reply_to_head_with_a_bad_target_has_no_body(harness: Harness, target: bytes) -> None:
-    """llhttp stops inside the target, so on_url never runs and the method stays unknown."""
+    """llhttp stops inside the target, so on_url never runs: the method comes from the
+    parser when the error is answered."""
     raw = b"HEAD " + target + b" HTTP/1.1\r\nHost: test.com\r\nx-fuzz: " + MARK + b"\r\n\r\n"
     assert_holds(harness, request(raw, method="HEAD", verdict="reject"))
 

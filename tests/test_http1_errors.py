@@ -186,6 +186,17 @@ async def test_a_refused_head_request_gets_no_body(
     assert await client.reader.read() == b""  # no body bytes after the head, then the close
 
 
+async def test_a_refused_method_after_a_head_request_gets_its_body(
+    backend, proxy, pools, forward_all, raw_client
+):
+    be = await backend(ok_app())
+    client = await raw_client(await proxy(forward_all(pools(be.port))))
+    await client.send(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\nget / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert (await client.read_response(head=True)).status == 200
+    resp = await client.read_response()
+    assert resp.status == 400 and resp.body == b"bad request"
+
+
 async def test_bad_request_after_good_pipelined_one(backend, proxy, pools, forward_all, raw_client):
     be = await backend(ok_app())
     port = await proxy(forward_all(pools(be.port)))

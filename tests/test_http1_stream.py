@@ -435,6 +435,21 @@ async def test_bytes_after_a_queued_upgrade_request_belong_to_it(
     assert heads == [b"GET /a HTTP/1.1", b"GET /ws HTTP/1.1"]
 
 
+async def test_upgrade_in_an_http10_request_is_ignored(
+    raw_backend, proxy, pools, forward_all, raw_client
+):
+    # RFC 9110 §7.8: a server must ignore Upgrade in an HTTP/1.0 request.
+    pod = H2cPod()
+    port = await proxy(forward_all(pools(await raw_backend(pod))))
+    client = await raw_client(port)
+    await client.send(
+        b"GET /one HTTP/1.0\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    resp = await client.read_response()
+    assert resp.status == 200 and resp.body == b"GET /one HTTP/1.1 "
+    assert b"upgrade" not in pod.heads[0].lower()
+
+
 async def test_upgrade_to_a_protocol_not_allowed_is_403(
     backend, proxy, pools, forward_all, raw_client
 ):
