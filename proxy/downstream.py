@@ -256,11 +256,17 @@ class DownstreamConnection(asyncio.Protocol):
         if self._parsing is None:
             self._fresh = data
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._after_upgrade(data[exc.args[0] :])
-        except httptools.HttpParserError as exc:
-            self._parse_error(exc)
+            upgraded = -1
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                upgraded = exc.args[0]
+            except httptools.HttpParserError as exc:
+                self._parse_error(exc)
+            if upgraded >= 0:
+                # Outside the except clause: a callback error raised while reading on would
+                # get the upgrade as its __context__, where callback_error looks for ours.
+                self._after_upgrade(data[upgraded:])
         finally:
             self._in_feed = False
             self._fresh = b""

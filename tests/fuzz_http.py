@@ -679,15 +679,17 @@ def requests(draw: st.DrawFn, known: frozenset[str], first: bool, last: bool) ->
         headers += [b"Connection: x-hop-a, X-Hop-B", b"X-Hop-A: 1", b"x-hop-b: 2"]
         hop = (b"x-hop-a", b"x-hop-b")
     elif conn_kind == "websocket":  # forwarded: the backend answers 101 or refuses it
+        connection = draw(_pick(b"Upgrade", b"keep-alive, upgrade"))
         headers += [
-            b"Connection: " + draw(_pick(b"Upgrade", b"keep-alive, upgrade")),
+            b"Connection: " + connection,
             b"Upgrade: " + draw(_pick(b"websocket", b"WebSocket")),
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
             b"Sec-WebSocket-Version: 13",
         ]
-        # RFC 9110 §7.8: an HTTP/1.0 request's Upgrade is ignored (the request goes on).
+        # RFC 9110 §7.8: an HTTP/1.0 request's Upgrade is ignored (the request goes on, and
+        # the connection stays if it asked for keep-alive).
         upgrade = version != b"HTTP/1.0"
-        closes = True
+        closes = upgrade or b"keep-alive" not in connection
     elif conn_kind == "h2c":  # stripped: the request goes on as HTTP/1.1, body and all
         headers += [
             b"Connection: " + draw(_pick(b"Upgrade, HTTP2-Settings", b"HTTP2-Settings, upgrade")),

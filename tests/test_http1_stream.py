@@ -435,6 +435,22 @@ async def test_bytes_after_a_queued_upgrade_request_belong_to_it(
     assert heads == [b"GET /a HTTP/1.1", b"GET /ws HTTP/1.1"]
 
 
+async def test_a_request_refused_after_a_stripped_h2c_one_gets_its_4xx(
+    raw_backend, proxy, pools, forward_all, raw_client, caplog
+):
+    pod = H2cPod()
+    port = await proxy(forward_all(pools(await raw_backend(pod))))
+    client = await raw_client(port)
+    await client.send(
+        b"GET /one HTTP/1.1\r\nHost: h\r\n" + H2C + b"\r\n"
+        b"GET http://h/two HTTP/1.1\r\nHost: other\r\n\r\n"
+    )
+    assert (await client.read_response()).status == 200
+    resp = await client.read_response()
+    assert resp.status == 400 and resp.body == b"host header does not match the request target"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 async def test_upgrade_in_an_http10_request_is_ignored(
     raw_backend, proxy, pools, forward_all, raw_client
 ):
