@@ -406,7 +406,7 @@ class Dispatcher:
             key = balancer.pick(hash_)
         hash_cookie = set_cookie  # a cookie the hash policy generated: kept on a re-pick
         response_headers = route.response_headers
-        if persistent is not None and key != address:
+        if persistent is not None and (status != NAMED or key != address):
             line = persistent.line(key, now)
             set_cookie = line if set_cookie is None else set_cookie + line
             if ext.drop_edit is not None:

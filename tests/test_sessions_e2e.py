@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import signal
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from proxy_process import OPS_LOCAL, OPS_PORTS, ProxyProcess, proxy_process, sam
 
 from proxy.demo import PodSet
 from proxy.hashing import RingHash, xxh64
-from proxy.sessions import decode_message
+from proxy.sessions import decode_message, encode_value
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -464,3 +465,77 @@ async def test_sticky_weights_keep_every_session_on_one_subset(
         assert 0.40 <= share <= 0.60, share
     else:  # Istio's random pick per request: sessions bounce between v1 and v2
         assert sum(len(subsets) == 2 for subsets in seen) > 150
+
+
+# --------------------------------------------------------------------------- forms and values
+
+
+async def test_header_form_signed_values_and_expiry(pods: PodSet, tmp_path: Path) -> None:
+    key = tmp_path / "session.key"
+    key.write_bytes(b"an HMAC key of at least 16 bytes\n")
+    config = tmp_path / "istio.yaml"
+    signed = {"sticky-proxy/persistent-session-key-file": str(key)}
+    header = {"istio.io/persistent-session-header": "x-session"}
+    config.write_text(session_yaml(pods.addresses[:2], labels=header, annotations=signed))
+    where = names_by_address(pods)
+    async with start_proxy(config) as (proxy, client, metrics):
+        url = client.url
+        async with client.session.get(url, headers={"Host": HOST}) as resp:
+            value = resp.headers["x-session"]
+            pod = (await resp.json())["pod"]
+        raw = base64.b64decode(value)
+        assert decode_message(raw) is not None and where[address_of(value)] == pod  # signed msg
+        for _ in range(5):
+            async with client.session.get(url, headers={"Host": HOST, "x-session": value}) as r:
+                assert (await r.json())["pod"] == pod and "x-session" not in r.headers
+        # A client that writes another pod's address without the key is not believed.
+        other = next(a for a, name in where.items() if name != pod and name in ("pod-1", "pod-2"))
+        forged = base64.b64encode(b"\x0a" + bytes([len(other)]) + other.encode()).decode()
+        async with client.session.get(url, headers={"Host": HOST, "x-session": forged}) as resp:
+            assert resp.status == 200 and resp.headers.get("x-session") is not None
+        text = await scrape(client.session, metrics)
+        assert (
+            sample_sum(text, "sticky_persistent_sessions_repicked_total", reason="bad_signature")
+            == 1
+        )
+
+        # The cookie form with a TTL: an expired value (wall clock) is re-picked, with Max-Age.
+        ttl = {"sticky-proxy/persistent-session-ttl": "60s"}
+        config.write_text(session_yaml(pods.addresses[:2], labels=PERSISTENT, annotations=ttl))
+        await reload(proxy)
+        status, pod, cookie = await client.get()
+        assert status == 200 and cookie is not None
+        address, expires = decode_message(base64.b64decode(cookie)) or ("", 0)
+        assert where[address] == pod and abs(expires - (time.time() + 60)) < 5
+        stale = encode_value(address, int(time.time()) - 10, cookie=True, key=None)
+        async with client.session.get(
+            url, headers={"Host": HOST, "Cookie": f'{COOKIE}="{stale}"'}
+        ) as resp:
+            assert resp.status == 200
+            assert "Max-Age=60; Path=/; HttpOnly" in resp.headers["Set-Cookie"]
+        text = await scrape(client.session, metrics)
+        assert sample_sum(text, "sticky_persistent_sessions_repicked_total", reason="expired") == 1
+
+
+async def test_route_and_admin_route_explain_a_draining_session(
+    pods: PodSet, tmp_path: Path
+) -> None:
+    config = tmp_path / "istio.yaml"
+    drain = {"sticky-proxy/session-drain": "30s"}
+    config.write_text(session_yaml(pods.addresses[:2], labels=PERSISTENT, annotations=drain))
+    first = "{}:{}".format(*pods.addresses[0])
+    cookie = encode_value(first, 0, cookie=True, key=None)
+    async with start_proxy(config) as (proxy, client, _):
+        admin = await proxy.port("admin")
+        query = {"host": HOST, "cookie": f"{COOKIE}={cookie}"}
+        async with client.session.get(f"http://127.0.0.1:{admin}/route", params=query) as resp:
+            answer = await resp.json()
+        assert answer["endpoint"] == first
+        assert answer["persistent_session"]["pod_state"] == "healthy"
+        config.write_text(session_yaml(pods.addresses[1:2], labels=PERSISTENT, annotations=drain))
+        await reload(proxy)
+        async with client.session.get(f"http://127.0.0.1:{admin}/route", params=query) as resp:
+            answer = await resp.json()
+        assert answer["endpoint"] == first
+        assert answer["persistent_session"]["pod_state"].startswith("draining, ")
+        assert answer["persistent_session"]["value"] == f"names a pod: {first}"
