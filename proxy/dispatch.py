@@ -441,25 +441,16 @@ class Dispatcher:
         now: float,
     ) -> Forward:
         """Forward to the pod the session names; a connect failure re-picks by the route's hash
-        (computed then: the common case never needs it) and names the new pod."""
+        (computed then, from the exchange: a request that reaches its pod never needs it) and
+        names the new pod."""
         crt = ext.crt
         assert crt is not None
         cluster = crt.cluster
-        affinity = route.affinity
-        hash_: int | None = None
-        if affinity is not None:
-            hash_, _ = affinity.compute(ex.headers, ex.target, ex.peer, ex.sock)
         retry = SessionRetry(
-            cluster,
-            hash_ if hash_ is not None else random.getrandbits(64),
-            address,
-            stats,
-            True,
-            ext.persistent,
-            None,
-            ext.drop_edit,
-            now,
+            cluster, None, address, stats, True, ext.persistent, None, ext.drop_edit, now
         )
+        retry.affinity = route.affinity
+        retry.exchange = ex
         plan = route.plan
         forward = Forward(
             pool,

@@ -18,14 +18,16 @@ module holds what that path uses and the common one does not:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from proxy.exchange import HeaderEdit
 
 if TYPE_CHECKING:
+    from proxy.affinity import Affinity
     from proxy.cluster import Balancer, Cluster
-    from proxy.exchange import Forward
+    from proxy.exchange import Exchange, Forward
     from proxy.metrics import ClusterStats
     from proxy.sessions import PersistentSession
     from proxy.upstream import UpstreamPool
@@ -85,9 +87,11 @@ class SessionRetry:
     """``Forward.next_pool`` for an endpoint a persistent session or bounded load chose."""
 
     __slots__ = (
+        "affinity",
         "base_cookie",
         "cluster",
         "drop_edit",
+        "exchange",
         "first",
         "forward",
         "hash",
@@ -100,7 +104,7 @@ class SessionRetry:
     def __init__(
         self,
         cluster: Cluster[UpstreamPool],
-        hash_: int,
+        hash_: int | None,
         first: str,
         stats: ClusterStats | None,
         keyed: bool,
@@ -119,6 +123,10 @@ class SessionRetry:
         self.drop_edit = drop_edit
         self.now = now
         self.forward: Forward | None = None  # set right after the Forward is built
+        # With no hash yet (a session went to its pod): the route's affinity and the exchange
+        # to compute it from, once a connect failure needs it.
+        self.affinity: Affinity | None = None
+        self.exchange: Exchange | None = None
 
     def __call__(self, attempt: int) -> UpstreamPool | None:
         cluster = self.cluster
@@ -131,7 +139,10 @@ class SessionRetry:
         balancer = snap.balancer
         if balancer is None:
             return None
-        key = nth_other(balancer, self.hash, self.first, attempt)
+        hash_ = self.hash
+        if hash_ is None:
+            hash_ = self.hash = self._hash()
+        key = nth_other(balancer, hash_, self.first, attempt)
         if key is None:
             return None
         persistent = self.persistent
@@ -143,3 +154,11 @@ class SessionRetry:
             if self.drop_edit is not None:
                 forward.response_headers = self.drop_edit
         return snap.pools.get(key)
+
+    def _hash(self) -> int:
+        affinity = self.affinity
+        ex = self.exchange
+        found: int | None = None
+        if affinity is not None and ex is not None:
+            found, _ = affinity.compute(ex.headers, ex.target, ex.peer, ex.sock)
+        return found if found is not None else random.getrandbits(64)
