@@ -619,6 +619,9 @@ def change_pods(
             print(f"run.py: {pod} stopped at {offset:.1f}s (after its grace period)", flush=True)
             continue
         before = len(backend.live)
+        # A pod's termination starts when it leaves the endpoints, before the proxy hears of it:
+        # so its grace period (and its stop) is timed from here, not from the reload's end.
+        stop_at = time.time() + grace
         if kind == "scale":
             label = f"{before} -> {value} pods"
             events_file.change("scale-up" if value > before else "scale-down", label, [])
@@ -633,7 +636,7 @@ def change_pods(
         print(f"run.py: {label} at {offset:.1f}s", flush=True)
         for index in gone:
             order += 1
-            heapq.heappush(actions, (time.time() + grace, order, "stop", index))
+            heapq.heappush(actions, (stop_at, order, "stop", index))
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 0.0) -> None:

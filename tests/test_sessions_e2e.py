@@ -19,7 +19,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from proxy_process import OPS_LOCAL, OPS_PORTS, ProxyProcess, proxy_process, sample_sum, scrape
+from proxy_process import (
+    OPS_LOCAL,
+    OPS_PORTS,
+    ProxyProcess,
+    gateway_yaml,
+    proxy_process,
+    sample_sum,
+    scrape,
+)
 
 from proxy.demo import PodSet
 from proxy.hashing import RingHash, xxh64
@@ -55,12 +63,7 @@ spec:
   host: app.local
   trafficPolicy: {traffic_policy}
 """
-    return f"""apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: gw}}
-spec:
-  servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ["*"]}}]
----
+    return f"""{gateway_yaml("gw")}---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{name: app}}
@@ -382,12 +385,7 @@ def canary_yaml(pods: list[tuple[str, int]], *, sticky: bool) -> str:
         f"  - {{address: {h}, ports: {{http: {p}}}, labels: {{version: v{1 + i % 2}}}}}\n"
         for i, (h, p) in enumerate(pods)
     )
-    return f"""apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: gw}}
-spec:
-  servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ["*"]}}]
----
+    return f"""{gateway_yaml("gw")}---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{name: app, annotations: {annotation}}}
