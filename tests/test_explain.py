@@ -183,6 +183,7 @@ def test_bounded_load_spills_in_the_live_view() -> None:
     base = configured_cluster(spec)
     probe = Probe("app.test", "/", headers=(("x-user", "u1"),))
     hashed = explain(config, router, probe).endpoint
+    assert hashed is not None
     other = next(key for key in ENDPOINTS[:2] if key != hashed)
     busy = ClusterView(
         spec, base.endpoints, base.balancer, bounded=base.bounded, load={hashed: 10, other: 0}

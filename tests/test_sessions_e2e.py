@@ -30,7 +30,7 @@ from proxy_process import (
 )
 
 from proxy.demo import PodSet
-from proxy.hashing import RingHash, xxh64
+from proxy.hashing import Maglev, RingHash, xxh64
 from proxy.sessions import decode_message, encode_value
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -323,12 +323,10 @@ async def test_bounded_load_caps_a_hot_pod_and_keys_come_back(
         keys = {f"{h}:{p}": f"pod-{i + 1}" for i, (h, p) in enumerate(held.addresses)}
         if algorithm == "ring":
             hashing = "{consistentHash: {httpHeaderName: x-user}}"
-            balancer = RingHash(dict.fromkeys(sorted(keys), 1), 1024)
+            balancer: RingHash | Maglev = RingHash(dict.fromkeys(sorted(keys), 1), 1024)
         else:
             hashing = "{consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 65537}}}"
-            from proxy.hashing import Maglev
-
-            balancer = Maglev(dict.fromkeys(sorted(keys), 1), 65537)  # type: ignore[assignment]
+            balancer = Maglev(dict.fromkeys(sorted(keys), 1), 65537)
         target = keys[balancer.pick(xxh64("user-0"))]
         users = [u for u in (f"user-{i}" for i in range(3000))
                  if keys[balancer.pick(xxh64(u))] == target][:30]  # fmt: skip
