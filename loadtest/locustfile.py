@@ -10,7 +10,8 @@ mid-run), or directly against any target::
 Users
 -----
 ``StickyUser`` opens one session (its first request gets the cookie) and keeps requesting with
-it; ``NewVisitorUser`` is a new browser on every visit: it drops its cookies and its connections,
+it (for its whole life, or ``--sticky-session-requests`` requests, then it opens another);
+``NewVisitorUser`` is a new browser on every visit: it drops its cookies and its connections,
 gets a new cookie, and makes a few requests with it.  Both follow ``--sticky-affinity``:
 
 =========== ======================================== =========================================
@@ -77,6 +78,7 @@ class Options:
     vhost: str = ""
     wait: tuple[float, float] = (0.5, 1.5)
     visit_requests: int = 3
+    session_requests: int = 0  # a StickyUser opens a new session after this many (0: never)
     events_file: str = ""
     summary_file: str = ""
     started_file: str = ""
@@ -121,6 +123,12 @@ def _add_arguments(parser: Any) -> None:
         type=int,
         default=3,
         help="requests per NewVisitorUser visit (default 3)",
+    )
+    group.add_argument(
+        "--sticky-session-requests",
+        type=int,
+        default=0,
+        help="a StickyUser opens a new session after this many requests (default 0: never)",
     )
     group.add_argument(
         "--sticky-events",
@@ -170,6 +178,7 @@ def options_from(parsed: Any) -> Options:
         vhost=parsed.sticky_vhost,
         wait=wait,
         visit_requests=max(1, int(parsed.sticky_visit_requests)),
+        session_requests=max(0, int(parsed.sticky_session_requests)),
         events_file=parsed.sticky_events,
         summary_file=parsed.sticky_summary,
         started_file=parsed.sticky_started,
@@ -247,6 +256,7 @@ def _unquote(value: str) -> str:
 
 TRACKER = Tracker()  # a new one at every test start (_on_test_start)
 _source_ips = itertools.count()
+_lives = itertools.count(1)
 
 
 def next_source_ip() -> str:
@@ -274,6 +284,8 @@ class SessionUser(FastHttpUser):
         self.read_pod = pod_reader(self.opts.pod_from)
         self.session: Session | None = None
         self.ident = ""  # the header/query id or the source address of the current session
+        self.life = 0  # this identity's number: its session may change keys, not its life
+        self.life_requests = 0
 
     def wait_time(self) -> float:
         low, high = self.opts.wait
@@ -288,6 +300,8 @@ class SessionUser(FastHttpUser):
         agent = self.client.client
         agent.clientpool.close()
         self.session = None
+        self.life = next(_lives)
+        self.life_requests = 0
         if self.mode in ("header", "query"):
             self.ident = uuid.uuid4().hex
         elif self.mode == "source-ip":
@@ -338,6 +352,8 @@ class SessionUser(FastHttpUser):
                 return
             if current is None:
                 current = self.session = TRACKER.open(kind, key, replaces=self.session)
+            if kind == STICKY:
+                TRACKER.lived(self.life, pod, end)
             violation = TRACKER.served(current, pod, start, end)
             if violation is not None:
                 resp.failure(violation)
@@ -370,6 +386,10 @@ class StickyUser(SessionUser):
 
     @task
     def keep_requesting(self) -> None:
+        limit = self.opts.session_requests
+        self.life_requests += 1
+        if limit and self.life_requests >= limit:
+            self.new_identity()
         label = "session" if self.session is not None else "open session"
         self.request(STICKY, label)
 

@@ -22,6 +22,16 @@ talk through three files in a temporary directory:
   session moved because its pod was down (re-homed) from a sticky violation;
 * ``summary.json`` - written by the locustfile at test stop: every counter.
 
+Membership changes, the way a Deployment makes them: ``--scale 3,5,2`` starts with 3 pods, then
+scales to 5 and to 2; ``--rolling-restart`` then replaces every pod, one at a time, by a new one
+on a new port.  The changes are spread evenly over the run; each one rewrites the proxy's YAML
+and reloads it (``events.json`` gets a ``change`` first), and a pod that leaves keeps running for
+``--grace`` (its termination grace period) before it stops.  ``--persistent`` labels the
+service ``istio.io/persistent-session`` (Envoy's stateful-session cookie, which the users then
+carry), ``--session-drain`` adds ``sticky-proxy/session-drain``; ``--session-requests N`` makes
+a StickyUser open a new session every N requests, so sessions can end inside a drain window.
+The summary says, for each change, how many live sessions it broke (moved to another pod).
+
 The last line printed is ``sticky: users=N sessions=S violations=V rehomed=R pods=P
 max/mean=X.XX``.  Exit status: 0 when no request broke stickiness (sessions moved off a killed
 pod are not violations; see the rules in ``stickiness.py``), 1 on violations or when no session
@@ -33,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import heapq
 import importlib.util
 import json
 import math
@@ -49,7 +60,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+SESSION_COOKIE = "sticky-session"  # the persistent-session cookie of --persistent
 
 HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
@@ -83,23 +97,32 @@ class Affinity:
     ttl: str  # cookie TTL (Istio duration)
     maglev: bool = False
     eject_for: float | None = None  # outlierDetection baseEjectionTime, None: no ejection
+    persistent: bool = False  # istio.io/persistent-session on the service
+    drain: float = 0.0  # sticky-proxy/session-drain, seconds
 
 
 class Backend:
-    """Demo pods and the proxy, served by an event loop in a thread of this process."""
+    """Demo pods and the proxy, served by an event loop in a thread of this process.
 
-    def __init__(self, pods: int, affinity: Affinity) -> None:
+    The proxy reads its YAML from ``config`` (a file), so membership changes rewrite it and
+    reload, as an operator (or istiod) would change the proxy's view of the pods.
+    """
+
+    def __init__(self, pods: int, affinity: Affinity, config: Path) -> None:
         self.count = pods
         self.affinity = affinity
+        self.config = config
         self.url = ""
         self.names: list[str] = []
         self.addresses: list[tuple[str, int]] = []
+        self.live: list[int] = []  # the pods in the proxy's configuration, by index
         self.ring_shares: dict[str, float] = {}  # pod -> fraction of the hash space it owns
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._pods: Any = None
+        self._proxy: Any = None
         self._thread = threading.Thread(target=self._run, name="sut", daemon=True)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -125,11 +148,12 @@ class Backend:
 
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        aff = self.affinity
         async with PodSet(self.count) as pods:
             self._pods = pods
-            config = proxy_config(aff, pods.addresses)
-            proxy = Proxy(config, RunOptions(listen=(("127.0.0.1", 0),)))
+            self.live = list(range(self.count))
+            config = self._write_config()
+            options = RunOptions(listen=(("127.0.0.1", 0),), config_paths=(str(self.config),))
+            proxy = self._proxy = Proxy(config, options)
             try:
                 await proxy.start()
                 host, port = proxy.addresses[0]
@@ -142,16 +166,55 @@ class Backend:
             finally:
                 await proxy.stop(grace=1.0)
 
-    def _call(self, coro: Coroutine[Any, Any, None], timeout: float = 10.0) -> None:
+    def _write_config(self) -> Any:
+        from proxy.istio import load_config
+
+        addresses = [self._pods.addresses[i] for i in self.live]
+        self.config.write_text(proxy_yaml(self.affinity, addresses), encoding="utf-8")
+        return load_config([str(self.config)])
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         assert self._loop is not None
-        future: Future[None] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        future.result(timeout)
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
 
     def kill(self, index: int) -> None:
         self._call(self._pods.stop(index))
 
     def restart(self, index: int) -> None:
         self._call(self._pods.start(index))
+
+    def scale(self, count: int) -> list[int]:
+        """The proxy's pods become ``count``: new pods start (and join), or the last ones
+        leave the configuration (returned: the caller stops them after their grace period)."""
+        return self._call(self._scale(count))
+
+    def replace(self, position: int) -> tuple[int, int]:
+        """A new pod takes the place of the live pod at ``position``: (old, new) indices."""
+        return self._call(self._replace(position))
+
+    async def _scale(self, count: int) -> list[int]:
+        gone = self.live[count:]
+        while len(self.live) < count:
+            self.live.append(await self._pods.add())
+        self.live = self.live[:count]
+        await self._reload()
+        return gone
+
+    async def _replace(self, position: int) -> tuple[int, int]:
+        old = self.live[position]
+        new = await self._pods.add()
+        self.live[position] = new
+        await self._reload()
+        return old, new
+
+    async def _reload(self) -> None:
+        self.names = self._pods.names
+        self.addresses = self._pods.addresses
+        addresses = [self._pods.addresses[i] for i in self.live]
+        self.config.write_text(proxy_yaml(self.affinity, addresses), encoding="utf-8")
+        if not await self._proxy.reload():
+            raise RuntimeError("the proxy refused the new configuration (see its log)")
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
@@ -160,10 +223,17 @@ class Backend:
 
 
 def proxy_config(aff: Affinity, upstreams: list[tuple[str, int]]) -> Any:
-    """Quick mode's Istio resources for these pods, plus outlier detection when asked."""
+    """The proxy's configuration for these pods (``proxy_yaml`` compiled)."""
+    from proxy.istio import load_text
+
+    return load_text(proxy_yaml(aff, upstreams), "<loadtest/run.py>")
+
+
+def proxy_yaml(aff: Affinity, upstreams: list[tuple[str, int]]) -> str:
+    """Quick mode's Istio resources for these pods, plus outlier detection and persistent
+    sessions when asked."""
     import yaml
 
-    from proxy.istio import load_text
     from proxy.quick import QuickOptions, quick_resources
 
     resources = quick_resources(
@@ -190,7 +260,15 @@ def proxy_config(aff: Affinity, upstreams: list[tuple[str, int]]) -> Any:
                     "baseEjectionTime": f"{aff.eject_for:g}s",
                     "maxEjectionPercent": 100,
                 }
-    return load_text(yaml.safe_dump_all(resources, sort_keys=False), "<loadtest/run.py>")
+    if aff.persistent:
+        for resource in resources:
+            if resource["kind"] == "ServiceEntry":
+                meta: dict[str, Any] = dict(resource["metadata"])  # type: ignore[arg-type]
+                meta["labels"] = {"istio.io/persistent-session": SESSION_COOKIE}
+                if aff.drain:
+                    meta["annotations"] = {"sticky-proxy/session-drain": f"{aff.drain:g}s"}
+                resource["metadata"] = meta
+    return yaml.safe_dump_all(resources, sort_keys=False)
 
 
 def ring_shares(
@@ -222,8 +300,26 @@ class EventsFile:
         self.data: dict[str, Any] = {"pods": pods, "outages": []}
         self._write()
 
-    def down(self, pod: str) -> None:
-        self.data["outages"].append({"pod": pod, "down_at": time.time(), "up_at": None})
+    def down(self, pod: str, reason: str = "kill") -> None:
+        self.data["outages"].append(
+            {"pod": pod, "down_at": time.time(), "up_at": None, "reason": reason}
+        )
+        self._write()
+
+    def change(self, kind: str, label: str, pods: list[str]) -> None:
+        """The proxy's pods are about to change (written before the reload)."""
+        self.data.setdefault("changes", []).append(
+            {"kind": kind, "at": time.time(), "label": label, "done": None}
+        )
+        self.data["pods"] = sorted(set(self.data["pods"]) | set(pods))
+        self._write()
+
+    def changed(self, pods: list[str]) -> None:
+        """The change in progress is done; every pod name seen so far (new ones included)."""
+        changes = self.data.get("changes", [])
+        if changes and changes[-1].get("done") is None:
+            changes[-1]["done"] = time.time()
+        self.data["pods"] = sorted(set(self.data["pods"]) | set(pods))
         self._write()
 
     def up(self, pod: str) -> None:
@@ -273,6 +369,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-pod-at", type=parse_duration, help="stop a pod this long into the test")
     p.add_argument("--restart-pod-at", type=parse_duration, help="start it again at this time")
     p.add_argument("--kill-pod", type=int, default=1, help="which pod: 1 for pod-1 (default)")
+    p.add_argument(
+        "--scale",
+        type=parse_counts,
+        metavar="N,N,...",
+        help="pod counts over the run: start with the first, scale to each next (3,5,2)",
+    )
+    p.add_argument(
+        "--rolling-restart",
+        action="store_true",
+        help="replace every pod, one at a time, by a new one on a new port (after --scale)",
+    )
+    p.add_argument(
+        "--grace",
+        type=parse_duration,
+        metavar="DURATION",
+        help="a pod that leaves keeps running this long before it stops "
+        "(default: --session-drain, else 10s)",
+    )
+    p.add_argument(
+        "--persistent",
+        action="store_true",
+        help="started proxy: istio.io/persistent-session on the service (Envoy's cookie "
+        f"{SESSION_COOKIE}, which the users carry)",
+    )
+    p.add_argument(
+        "--session-drain",
+        type=parse_duration,
+        metavar="DURATION",
+        help="started proxy: sticky-proxy/session-drain (needs --persistent)",
+    )
+    p.add_argument(
+        "--session-requests",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a StickyUser opens a new session every N requests (default 0: one for its life)",
+    )
     p.add_argument("--no-visitors", action="store_true", help="StickyUser only, no NewVisitorUser")
     p.add_argument("--csv", metavar="PREFIX", help="locust's CSV statistics")
     p.add_argument("--html", metavar="FILE", help="locust's HTML report")
@@ -280,6 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="locust's periodic statistics too")
     p.add_argument("locust_args", nargs="*", help=argparse.SUPPRESS)
     return p
+
+
+def parse_counts(text: str) -> list[int]:
+    """``3,5,2`` -> [3, 5, 2] (pods, 1..64 each, at least two counts)."""
+    parts = text.split(",")
+    if len(parts) < 2 or not all(p.strip().isdigit() and 1 <= int(p) <= 64 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected pod counts like 3,5,2 (1 to 64 each, at least two)"
+        )
+    return [int(p) for p in parts]
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -295,6 +438,26 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--eject-for and --maglev configure the runner's own proxy: drop --target")
     if args.restart_pod_at is not None and args.kill_pod_at is None:
         p.error("--restart-pod-at needs --kill-pod-at")
+    if args.session_drain is not None and not args.persistent:
+        p.error("--session-drain drains persistent sessions: add --persistent")
+    if args.session_requests < 0:
+        p.error("--session-requests must be >= 0")
+    changing = args.scale is not None or args.rolling_restart
+    if (args.persistent or changing) and args.target:
+        p.error("--persistent, --scale and --rolling-restart configure the runner's own proxy "
+                "and pods: drop --target")  # fmt: skip
+    if changing and args.kill_pod_at is not None:
+        p.error("--kill-pod-at does not combine with --scale or --rolling-restart")
+    if args.scale is not None:
+        args.pods = args.scale[0]
+    if changing:
+        grace = change_grace(args)
+        spacing = args.duration / (len(change_plan(args)) + 1)
+        if spacing <= grace + 2:
+            p.error(
+                f"changes every {spacing:.1f}s leave no time for a pod's {grace:g}s grace period: "
+                "give a longer --duration or a shorter --grace"
+            )
     if args.kill_pod_at is not None:
         if args.target:
             p.error("--kill-pod-at needs the runner's own pods: drop --target")
@@ -306,6 +469,22 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--kill-pod must be between 1 and --pods ({args.pods})")
         if args.pods < 2:
             p.error("a kill scenario needs at least 2 pods")
+
+
+def change_grace(args: argparse.Namespace) -> float:
+    if args.grace is not None:
+        return float(args.grace)
+    return float(args.session_drain) if args.session_drain is not None else 10.0
+
+
+def change_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The membership changes, in order: ("scale", count) and ("restart", position)."""
+    plan: list[tuple[str, int]] = []
+    counts = args.scale or [args.pods]
+    plan += [("scale", count) for count in counts[1:]]
+    if args.rolling_restart:
+        plan += [("restart", position) for position in range(counts[-1])]
+    return plan
 
 
 def locust_command(args: argparse.Namespace, url: str, tmp: Path) -> list[str]:
@@ -334,6 +513,10 @@ def locust_command(args: argparse.Namespace, url: str, tmp: Path) -> list[str]:
     ]
     if args.key:
         cmd += ["--sticky-key", args.key]
+    elif args.persistent:
+        cmd += ["--sticky-key", SESSION_COOKIE]
+    if args.session_requests:
+        cmd += ["--sticky-session-requests", str(args.session_requests)]
     if not args.target:
         cmd += ["--sticky-events", str(tmp / "events.json")]
     if not args.verbose:
@@ -369,9 +552,14 @@ def drive(
     events_file: EventsFile | None,
     tmp: Path,
 ) -> None:
-    """Wait for locust, killing and restarting the pod on schedule."""
+    """Wait for locust, killing and restarting the pod, or changing the pods, on schedule."""
     limit = args.duration + 60.0
-    if args.kill_pod_at is not None and backend is not None and events_file is not None:
+    plan = change_plan(args)
+    if len(plan) and backend is not None and events_file is not None:
+        started = wait_for_start(proc, tmp / "started.json")
+        change_pods(args, proc, backend, events_file, started, plan)
+        limit = max(1.0, started + limit - time.time())
+    elif args.kill_pod_at is not None and backend is not None and events_file is not None:
         started = wait_for_start(proc, tmp / "started.json")
         index = args.kill_pod - 1
         pod = backend.names[index]
@@ -396,6 +584,59 @@ def drive(
                 print(f"run.py: {pod} started again at {time.time() - started:.1f}s", flush=True)
         limit = max(1.0, started + limit - time.time())
     proc.wait(timeout=limit)
+
+
+def change_pods(
+    args: argparse.Namespace,
+    proc: subprocess.Popen[bytes],
+    backend: Backend,
+    events_file: EventsFile,
+    started: float,
+    plan: list[tuple[str, int]],
+) -> None:
+    """Apply ``plan`` evenly over the run; each pod that leaves stops after the grace period."""
+    grace = change_grace(args)
+    spacing = args.duration / (len(plan) + 1)
+    actions: list[tuple[float, int, str, int]] = [
+        (started + spacing * (i + 1), i, kind, value) for i, (kind, value) in enumerate(plan)
+    ]
+    heapq.heapify(actions)
+    order = len(actions)
+    while actions:
+        at, _, kind, value = heapq.heappop(actions)
+        remaining = at - time.time()
+        if remaining > 0:
+            try:
+                proc.wait(timeout=remaining)
+                return  # locust ended first
+            except subprocess.TimeoutExpired:
+                pass
+        offset = time.time() - started
+        if kind == "stop":
+            pod = backend.names[value]
+            events_file.down(pod, "left")
+            backend.kill(value)
+            print(f"run.py: {pod} stopped at {offset:.1f}s (after its grace period)", flush=True)
+            continue
+        before = len(backend.live)
+        # A pod's termination starts when it leaves the endpoints, before the proxy hears of it:
+        # so its grace period (and its stop) is timed from here, not from the reload's end.
+        stop_at = time.time() + grace
+        if kind == "scale":
+            label = f"{before} -> {value} pods"
+            events_file.change("scale-up" if value > before else "scale-down", label, [])
+            gone = backend.scale(value)
+        else:
+            old_name = backend.names[backend.live[value]]
+            label = f"{old_name} -> pod-{len(backend.names) + 1}"  # PodSet.add's next name
+            events_file.change("restart", label, [])
+            old, _ = backend.replace(value)
+            gone = [old]
+        events_file.changed(backend.names)
+        print(f"run.py: {label} at {offset:.1f}s", flush=True)
+        for index in gone:
+            order += 1
+            heapq.heappush(actions, (stop_at, order, "stop", index))
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 0.0) -> None:
@@ -451,6 +692,13 @@ def render(data: dict[str, Any], args: argparse.Namespace, url: str) -> list[str
         "after its restart",
     ]
     for outage in data["outages"]:
+        if outage.get("reason") == "left":
+            lines.append(
+                f"stop: {outage['pod']} (it left the proxy at a change) stopped at "
+                f"{outage['down_at']:.1f}s: {outage['sessions_of_pod']} live sessions were "
+                f"still on it, re-homed {outage['rehomed']}"
+            )
+            continue
         up = "stayed down" if outage["up_at"] is None else f"up at {outage['up_at']:.1f}s"
         owned = shares.get(outage["pod"])
         ring_text = "" if owned is None else f"its ring share {100 * owned:.1f}%; "
@@ -462,12 +710,36 @@ def render(data: dict[str, Any], args: argparse.Namespace, url: str) -> list[str
             f"re-homed {outage['rehomed']}/{outage['sessions_of_pod']}, "
             f"back on {outage['pod']} after restart {outage['returned']}/{outage['rehomed']}"
         )
+    lines += change_lines(data)
     lines.append(
         f"violations: {data['violations']} (sessions of surviving pods served elsewhere, or "
         "moved without an outage)"
     )
     lines += [f"  {sample}" for sample in data["violation_samples"][:10]]
     lines.append(sticky_line(data))
+    return lines
+
+
+def change_lines(data: dict[str, Any]) -> list[str]:
+    """One line per membership change, then the sessions broken per kind of change."""
+    lines = []
+    totals: dict[str, list[int]] = {}
+    for change in data.get("changes", []):
+        alive, broken = change["sessions_alive"], change["sessions_broken"]
+        share = f" ({100 * broken / alive:.1f}%)" if alive else ""
+        lines.append(
+            f"change: {change['kind']} {change['label']} at {change['at']:.1f}s: "
+            f"{broken} of {alive} live sessions broken{share}"
+        )
+        total = totals.setdefault(change["kind"], [0, 0])
+        total[0] += broken
+        total[1] += alive
+    if totals:
+        lines.append(
+            "sessions broken per event: "
+            + ", ".join(f"{kind} {b}/{a}" for kind, (b, a) in totals.items())
+            + f" (moved by a change: {data.get('moved_by_change', 0)})"
+        )
     return lines
 
 
@@ -495,7 +767,16 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 backend = Backend(
                     args.pods,
-                    Affinity(args.affinity, key, args.ttl, args.maglev, args.eject_for),
+                    Affinity(
+                        args.affinity,
+                        key,
+                        args.ttl,
+                        args.maglev,
+                        args.eject_for,
+                        args.persistent,
+                        args.session_drain or 0.0,
+                    ),
+                    tmp / "istio.yaml",
                 )
                 backend.start()
                 url = backend.url

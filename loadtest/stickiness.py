@@ -35,6 +35,21 @@ Without an events file no pod is ever down.  For a served response from pod Q to
    ``sticky violation: ...`` and counted.  A surviving pod's session served by another pod is
    always a violation.
 
+Membership changes (``run.py --scale``, ``--rolling-restart``) come from the events file too:
+each ``change`` has an ``at`` written *before* the proxy's configuration changes and a ``done``
+written *after* the new one is in place.  A session served by another pod than its home, when a
+change began before this request ended and was not yet done when its previous request started,
+is **moved by a change** (rule 5b, checked before rule 6): with consistent hashing, adding or
+removing pods moves sessions of surviving pods too, by design (Envoy's ring), so that is counted,
+not called a violation; the new pod becomes its home.
+
+**Sessions broken per event** are counted on *lives*, not keys: a StickyUser's life is one
+session from its first request to the next ``new_identity`` (``--sticky-session-requests``), and
+keeps its identity when a persistent-session cookie is re-issued with a new value.  A life is
+broken by change E when its pod changes (a response from another pod than its previous one) at
+or after E and before the next change; it was *alive* at E when it had a response before E and
+one after it.
+
 For each outage of pod X: the sessions *alive* at ``down_at`` (opened before it, used after
 it) and among them the *sessions of X* (home X, with a request overlapping the outage).  When
 the proxy moves every one of them to another pod, ``re-homed == sessions of X``, and their
@@ -68,9 +83,25 @@ class Outage:
     pod: str
     down_at: float
     up_at: float | None = None
+    reason: str = "kill"  # or "left": the pod left the proxy at a change, then stopped
 
     def overlaps(self, start: float, end: float) -> bool:
         return self.down_at <= end and (self.up_at is None or self.up_at >= start)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """The proxy's pod set changed at ``at`` (wall clock): ``kind`` scale-up, scale-down or
+    restart, ``label`` says what (``3 -> 5 pods``, ``pod-2 -> pod-6``)."""
+
+    kind: str
+    at: float
+    label: str = ""
+    done: float | None = None  # None: still being applied
+
+    def explains(self, previous_start: float, end: float) -> bool:
+        """Could this change have moved a session between two of its requests?"""
+        return self.at <= end and (self.done is None or self.done >= previous_start)
 
 
 class OutageLog:
@@ -80,6 +111,7 @@ class OutageLog:
         self.path = path
         self._mtime: float | None = None
         self.outages: tuple[Outage, ...] = ()
+        self.changes: tuple[Change, ...] = ()
         self.pods: tuple[str, ...] = ()
 
     def current(self) -> tuple[Outage, ...]:
@@ -95,7 +127,12 @@ class OutageLog:
             self._mtime = mtime
             self.pods = tuple(data.get("pods", ()))
             self.outages = tuple(
-                Outage(o["pod"], float(o["down_at"]), o.get("up_at")) for o in data["outages"]
+                Outage(o["pod"], float(o["down_at"]), o.get("up_at"), o.get("reason", "kill"))
+                for o in data["outages"]
+            )
+            self.changes = tuple(
+                Change(c["kind"], float(c["at"]), c.get("label", ""), c.get("done"))
+                for c in data.get("changes", ())
             )
         return self.outages
 
@@ -115,9 +152,21 @@ class Session:
     rehomed: bool = False
     returned: bool = False
     moved_home: bool = False
+    moved_by_change: bool = False
+    last_start: float = 0.0
     served: int = 0
     failed: int = 0
     violations: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Life:
+    """One StickyUser session from its first request to its last (see the module docstring)."""
+
+    first_end: float
+    last_end: float
+    pod: str
+    moves: list[float] = field(default_factory=list)  # when its pod changed (response end)
 
 
 @dataclass(slots=True)
@@ -143,6 +192,7 @@ class Tracker:
         self.violation_samples: list[str] = []
         # keyed by (pod, down_at): the Outage itself changes when its up_at is written
         self.outage_stats: dict[tuple[str, float], OutageStats] = {}
+        self.lives: dict[int, Life] = {}
         self._ids = itertools.count(1)
 
     def open(self, kind: str, key: str, replaces: Session | None = None) -> Session:
@@ -158,6 +208,7 @@ class Tracker:
         self._note_outages(s, start, end, outages)
         s.served += 1
         self.requests_per_pod[pod] += 1
+        previous_start, s.last_start = s.last_start, start
         if s.home is None:  # rule 1
             s.home, s.born_at = pod, end
             s.born_away_from = frozenset(
@@ -177,11 +228,46 @@ class Tracker:
         if pod in s.born_away_from:  # rule 5
             s.home, s.away, s.moved_home, s.born_away_from = pod, None, True, frozenset()
             return None
+        if any(c.explains(previous_start, end) for c in self.log.changes):  # rule 5b
+            s.home, s.away, s.moved_by_change = pod, None, True
+            return None
         s.violations += 1  # rule 6
         message = f"sticky violation: {s.kind} session {s.key} of {home} served by {pod}"
         if len(self.violation_samples) < 20:
             self.violation_samples.append(message)
         return message
+
+    def lived(self, life: int, pod: str, end: float) -> None:
+        """A StickyUser life (its ``life`` number) was served by ``pod``, ending at ``end``."""
+        found = self.lives.get(life)
+        if found is None:
+            self.lives[life] = Life(end, end, pod)
+            return
+        if pod != found.pod:
+            found.moves.append(end)
+            found.pod = pod
+        found.last_end = end
+
+    def broken_per_change(self) -> list[dict[str, Any]]:
+        """For each membership change: the lives alive at it and those it broke."""
+        changes = sorted(self.log.changes, key=lambda c: c.at)
+        out = []
+        for i, change in enumerate(changes):
+            until = changes[i + 1].at if i + 1 < len(changes) else float("inf")
+            alive = [
+                life for life in self.lives.values() if life.first_end < change.at < life.last_end
+            ]
+            broken = sum(1 for life in alive if any(change.at <= t < until for t in life.moves))
+            out.append(
+                {
+                    "kind": change.kind,
+                    "label": change.label,
+                    "at": round(change.at - self.started_at, 3),
+                    "sessions_alive": len(alive),
+                    "sessions_broken": broken,
+                }
+            )
+        return out
 
     def failed_request(self, s: Session | None, start: float, end: float, reason: str) -> None:
         outages = self.log.current()
@@ -229,6 +315,7 @@ class Tracker:
             outages.append(
                 {
                     "pod": outage.pod,
+                    "reason": outage.reason,
                     "down_at": round(outage.down_at - self.started_at, 3),
                     "up_at": None
                     if outage.up_at is None
@@ -249,6 +336,8 @@ class Tracker:
             "rehomed": sum(s.rehomed for s in sticky),
             "returned": sum(s.returned for s in sticky),
             "born_away_moved_home": sum(s.moved_home for s in sticky),
+            "moved_by_change": sum(s.moved_by_change for s in sticky),
+            "changes": self.broken_per_change(),
             "renewed": self.renewed,
             "cookie_reissued": self.reissued,
             "visitor_sessions": len(visitors),

@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,6 +36,7 @@ from multidict import MultiMapping
 
 from proxy.explain import ClusterView, Probe, address_of, explain, split_pair
 from proxy.metrics import CONTENT_TYPE
+from proxy.steering import in_flight
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime, RuntimeRef
@@ -260,9 +262,21 @@ def route_request(runtime: Runtime, query: MultiMapping[str]) -> tuple[int, dict
 
 
 def _live(runtime: Runtime, name: str) -> ClusterView | None:
-    """A cluster as requests see it now: the healthy endpoints and the current balancer."""
+    """A cluster as requests see it now: the healthy endpoints and the current balancer, the
+    persistent sessions' targets (draining ones with the seconds they have left) and the
+    requests in flight per endpoint (bounded load reads them)."""
     crt = runtime.clusters.get(name)
     if crt is None:
         return None
     snap = crt.cluster.snapshot
-    return ClusterView(crt.spec, snap.healthy, snap.balancer)
+    now = time.monotonic()
+    return ClusterView(
+        crt.spec,
+        snap.healthy,
+        snap.balancer,
+        targets=frozenset(snap.targets),
+        draining={key: max(0.0, deadline - now) for key, deadline in snap.draining.items()},
+        load={key: in_flight(pool) for key, pool in {**snap.pools, **snap.targets}.items()},
+        bounded=snap.bounded,
+        known=frozenset(snap.pools),
+    )

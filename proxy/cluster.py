@@ -11,6 +11,14 @@ balancer is rebuilt only when the (sorted) set of endpoints that enter it change
 
 Connection pools live in the cluster, keyed by endpoint, across snapshots: a rebuild keeps every
 warm keep-alive connection of the endpoints that stay.
+
+Draining (``drain`` > 0, the ``sticky-proxy/session-drain`` of a service with persistent
+sessions): an endpoint that leaves the endpoint set (discovery or reload dropped it: a pod
+scaled down or replaced, which usually still runs for its termination grace period) stays in
+``snapshot.targets`` for ``drain`` seconds with its pool, so the persistent sessions that name it
+keep going to it; it is in no balancer, so no new session starts there. ``end_drain`` (a connect
+failure) ends its window at once; ``expire_draining`` (a timer the server sets at
+``next_drain_deadline``) drops the endpoints whose window is over and hands back their pools.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Generic, Protocol, TypeVar
 
+from proxy.bounded import BoundedLoad
 from proxy.config import Endpoint, LoadBalancerSettings
 from proxy.hashing import Maglev, RingHash
 
@@ -122,6 +132,19 @@ def build_balancer(
     return LeastRequest(weights, active if active is not None else {})
 
 
+def build_bounded(
+    lb: LoadBalancerSettings, endpoints: Sequence[Endpoint], balancer: Balancer | None
+) -> BoundedLoad | None:
+    """Envoy's bounded load over ``balancer`` when the DestinationRule asks for it."""
+    ch = lb.consistent_hash
+    if ch is None or not ch.hash_balance_factor or balancer is None or not endpoints:
+        return None
+    if not isinstance(balancer, (RingHash, Maglev)):
+        return None
+    weights = {ep.key: ep.weight for ep in sorted(endpoints, key=lambda ep: ep.key)}
+    return BoundedLoad(balancer, weights, ch.hash_balance_factor)
+
+
 def random_hash() -> int:
     """Envoy picks with a random hash when a consistent-hash policy yields no key."""
     return random.getrandbits(64)
@@ -140,6 +163,10 @@ class ClusterSnapshot(Generic[PoolT]):
     pools: Mapping[str, PoolT]
     panic: bool = False
     version: int = 0
+    # What a persistent session may name: the healthy endpoints and the draining ones.
+    targets: Mapping[str, PoolT] = field(default_factory=lambda: MappingProxyType({}))
+    draining: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # deadline
+    bounded: BoundedLoad | None = None  # the balancer with its hash-balance-factor
 
     @property
     def healthy_count(self) -> int:
@@ -159,20 +186,67 @@ class Cluster(Generic[PoolT]):
     snapshot: ClusterSnapshot[PoolT] = field(
         default_factory=lambda: ClusterSnapshot((), (), None, MappingProxyType({}))
     )
+    drain: float = 0.0  # seconds a removed endpoint keeps its persistent sessions
     _pools: dict[str, PoolT] = field(default_factory=dict)
     _unhealthy: frozenset[str] = frozenset()
     _in_balancer: tuple[str, ...] | None = None
+    # key -> (pool, deadline on time.monotonic(), window ended early)
+    _draining: dict[str, tuple[PoolT, float, bool]] = field(default_factory=dict)
 
-    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> list[PoolT]:
-        """New endpoint set; returns the pools of endpoints that left (the caller closes them)."""
+    def set_endpoints(self, endpoints: Iterable[Endpoint], now: float | None = None) -> list[PoolT]:
+        """New endpoint set; returns the pools of endpoints that left (the caller closes them).
+
+        With ``drain`` set, an endpoint that leaves starts draining instead (module docstring);
+        one that comes back ends its drain and keeps its pool.
+        """
         ordered = tuple(sorted({ep.key: ep for ep in endpoints}.values(), key=lambda e: e.key))
         keys = {ep.key for ep in ordered}
-        removed = [self._pools.pop(k) for k in list(self._pools) if k not in keys]
+        removed: list[PoolT] = []
+        deadline = (time.monotonic() if now is None else now) + self.drain
+        for key in list(self._pools):
+            if key in keys:
+                continue
+            pool = self._pools.pop(key)
+            if self.drain > 0:
+                self._draining[key] = (pool, deadline, False)
+                log.info("cluster %s: %s draining for %gs", self.name, key, self.drain)
+            else:
+                removed.append(pool)
         for ep in ordered:
-            if ep.key not in self._pools:
-                self._pools[ep.key] = self.pool_factory(ep)
+            if ep.key in self._pools:
+                continue
+            back = self._draining.pop(ep.key, None)
+            self._pools[ep.key] = back[0] if back is not None else self.pool_factory(ep)
         self._rebuild(ordered, self._unhealthy & keys)
         return removed
+
+    def end_drain(self, key: str) -> bool:
+        """A draining endpoint failed to connect: its window ends now (its sessions re-pick).
+
+        The pool stays until ``expire_draining`` hands it back; True when a window ended.
+        """
+        found = self._draining.get(key)
+        if found is None or found[2]:
+            return False
+        self._draining[key] = (found[0], found[1], True)
+        log.info("cluster %s: %s stopped draining: connect failure", self.name, key)
+        self._rebuild(self.snapshot.endpoints, self._unhealthy)
+        return True
+
+    def expire_draining(self, now: float | None = None) -> list[PoolT]:
+        """Drop the endpoints whose drain window is over; returns their pools to close."""
+        now = time.monotonic() if now is None else now
+        done = [k for k, (_, deadline, ended) in self._draining.items() if ended or deadline <= now]
+        if not done:
+            return []
+        pools = [self._draining.pop(k)[0] for k in done]
+        self._rebuild(self.snapshot.endpoints, self._unhealthy)
+        return pools
+
+    @property
+    def next_drain_deadline(self) -> float | None:
+        """When the next drain window ends (time.monotonic()), None when nothing drains."""
+        return min((deadline for _, deadline, _ in self._draining.values()), default=None)
 
     def set_unhealthy(self, keys: Iterable[str]) -> None:
         """Endpoints to keep out of the balancer (health checks, outlier ejection)."""
@@ -189,16 +263,28 @@ class Cluster(Generic[PoolT]):
         old = self.snapshot
         if keys == self._in_balancer:
             balancer = old.balancer
+            bounded = old.bounded
         else:
             balancer = build_balancer(self.lb, chosen, self.active) if chosen else None
+            bounded = build_bounded(self.lb, chosen, balancer)
             self._in_balancer = keys
+        pools = self._pools
+        targets = {ep.key: pools[ep.key] for ep in healthy}
+        draining: dict[str, float] = {}
+        for key, (pool, deadline, ended) in self._draining.items():
+            if not ended:
+                targets[key] = pool
+                draining[key] = deadline
         self.snapshot = ClusterSnapshot(
             endpoints=endpoints,
             healthy=healthy,
             balancer=balancer,
-            pools=MappingProxyType(dict(self._pools)),
+            pools=MappingProxyType(dict(pools)),
             panic=panic,
             version=old.version + 1,
+            targets=MappingProxyType(targets),
+            draining=MappingProxyType(draining),
+            bounded=bounded,
         )
         if balancer is not old.balancer:
             log.info(
@@ -212,7 +298,8 @@ class Cluster(Generic[PoolT]):
                 self.on_rebuild(self)
 
     def pools(self) -> list[PoolT]:
-        return list(self._pools.values())
+        """Every pool, the draining endpoints' included (to close them all)."""
+        return [*self._pools.values(), *(pool for pool, _, _ in self._draining.values())]
 
 
 def next_distinct(balancer: Balancer, hash: int, first: str, attempt: int) -> str:

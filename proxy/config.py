@@ -121,13 +121,18 @@ class DnsEndpoints:
 
 @dataclass(frozen=True, slots=True)
 class ConsistentHashLB:
-    """Istio's ``consistentHash``: the hash key policy and the ring or Maglev table behind it."""
+    """Istio's ``consistentHash``: the hash key policy and the ring or Maglev table behind it.
+
+    ``hash_balance_factor`` is Envoy's bounded load (``proxy.bounded``), from the DestinationRule's
+    ``sticky-proxy/hash-balance-factor`` annotation: 0 is off, else a percentage >= 100.
+    """
 
     policy: HashPolicy
     algorithm: Literal["ring", "maglev"] = "ring"
     minimum_ring_size: int = 1024
     maximum_ring_size: int = 8388608
     table_size: int = 65537
+    hash_balance_factor: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +147,10 @@ class LoadBalancerSettings:
         ch = self.consistent_hash
         if ch is None:
             return self.simple or "LEAST_REQUEST"
+        bounded = f", bounded load {ch.hash_balance_factor}%" if ch.hash_balance_factor else ""
         if ch.algorithm == "maglev":
-            return f"MAGLEV (table size {ch.table_size})"
-        return f"RING_HASH (minimum ring size {ch.minimum_ring_size})"
+            return f"MAGLEV (table size {ch.table_size}{bounded})"
+        return f"RING_HASH (minimum ring size {ch.minimum_ring_size}{bounded})"
 
 
 DEFAULT_LB = LoadBalancerSettings()
@@ -311,6 +317,36 @@ class HealthCheckSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionSpec:
+    """A persistent (stateful) session: Envoy's stateful-session filter as Istio configures it.
+
+    Istio turns it on for a service labelled ``istio.io/persistent-session: NAME[:PATH]`` (a
+    cookie) or ``istio.io/persistent-session-header: NAME`` (a header); the value names the pod
+    that served the session (``proxy.sessions``). The rest are sticky-proxy annotations beside
+    the label: ``strict`` (503 when the named pod is gone, where Envoy's default re-picks),
+    ``drain`` (seconds an endpoint that left discovery keeps serving its sessions), ``ttl``
+    (seconds; 0 = no expiry, Istio's setting) and ``key`` (HMAC-SHA256 key that signs the value,
+    read from ``key_file``; None: unsigned, Envoy's format). ``source`` names the resource.
+    """
+
+    mode: Literal["cookie", "header"]
+    name: str
+    path: str = "/"
+    ttl: int = 0
+    strict: bool = False
+    drain: float = 0.0
+    key: bytes | None = field(default=None, repr=False)
+    key_file: str = ""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a persistent session needs a cookie or header name")
+        if self.ttl < 0 or self.drain < 0:
+            raise ValueError("ttl and drain must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSpec:
     """One upstream cluster, Envoy-named ``outbound|PORT|SUBSET|HOST``.
 
@@ -332,6 +368,7 @@ class ClusterSpec:
     panic_threshold: float = 50.0
     source: str = ""
     tls: ClientTls | None = None  # DestinationRule trafficPolicy.tls: TLS to the endpoints
+    session: SessionSpec | None = None  # the service's persistent session (labels)
 
 
 def cluster_name(host: str, port: int, subset: str | None = None) -> str:
@@ -503,6 +540,9 @@ class VirtualServiceSpec:
     gateways: tuple[str, ...]  # resolved "namespace/name", or "mesh"
     http: tuple[HttpRoute, ...]
     source: str = ""
+    # sticky-proxy/sticky-weights: a weighted split picks by the request's hash (Envoy's
+    # WeightedCluster.use_hash_policy), not at random.
+    sticky_weights: bool = False
 
     @property
     def key(self) -> str:

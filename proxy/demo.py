@@ -335,6 +335,16 @@ class PodSet:
         self._ports[index] = _bound_port(runner)
         self._runners[index] = runner
 
+    async def add(self, name: str | None = None) -> int:
+        """Start one more pod, on a port of its own, named ``pod-<n>`` unless ``name``; returns
+        its index (scaling up, or the new pod of a rolling restart)."""
+        index = len(self._states)
+        self._states.append(PodState(name or f"pod-{index + 1}"))
+        self._ports.append(0)
+        self._runners.append(None)
+        await self.start(index)
+        return index
+
     async def stop(self, index: int) -> None:
         """Stop pod ``index``: its port refuses connections until :meth:`start`."""
         runner = self._runners[index]

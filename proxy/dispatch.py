@@ -10,6 +10,14 @@ timeouts included. Everything that does not depend on the request (header edits,
 the route itself for requests whose route depends only on Host, method and target) is computed
 once and remembered, so the common request costs a few dict lookups and one hash.
 
+A route with a persistent session, a cluster with bounded load or a sticky weighted split
+(sessions that survive change) goes down a second path, ``Dispatcher._extended``: its
+``Prepared`` keeps its cluster in ``ext`` and none in ``crt``, so the common path pays nothing
+for those features (the test it already makes for a missing cluster sends them there). The
+second path reads the session's value and goes to the pod it names while that pod is a target
+(healthy, or draining), else picks as usual (bounded by the load when configured) and names the
+new pod in the response; ``proxy.steering`` holds its helpers.
+
 This module is compiled with mypyc (setup.py), like the rest of the request path; the control
 plane that builds what it reads (``proxy.server``) stays interpreted; what it reads is defined
 in ``proxy.runtime`` (compiled too), below both.
@@ -18,6 +26,7 @@ in ``proxy.runtime`` (compiled too), below both.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, cast
@@ -26,15 +35,16 @@ from proxy.affinity import Affinity, cookie_line
 from proxy.cluster import Balancer, next_distinct
 from proxy.exchange import Exchange, Forward, LocalReply
 from proxy.hashing import Maglev, RingHash
-from proxy.retry import retry_plan
-from proxy.routing import RouteDecision
+from proxy.prepared import Extended, Prepared, connect_retries
+from proxy.sessions import ABSENT, BAD_SIGNATURE, EXPIRED, NAMED
+from proxy.steering import SessionRetry, cluster_in_flight, in_flight
 from proxy.upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from proxy.accesslog import AccessLog
     from proxy.metrics import ClusterStats, Metrics
     from proxy.routing import Router
-    from proxy.runtime import ClusterRuntime, Runtime, RuntimeRef
+    from proxy.runtime import Runtime, RuntimeRef
 
 # Envoy's local replies (DESIGN §7); bodies are Envoy's text so Istio users recognise them.
 NO_ROUTE: Final = LocalReply(404)
@@ -94,38 +104,6 @@ class _NextPool:
         return self.pools.get(next_distinct(self.balancer, self.hash, self.first, attempt))
 
 
-class _Prepared:
-    """What a route decision means for the request path, computed once per distinct decision."""
-
-    __slots__ = (
-        "affinity",
-        "authority",
-        "cluster",
-        "crt",
-        "plan",
-        "reply",
-        "request_headers",
-        "response_headers",
-        "target",
-        "timeout",
-    )
-
-    def __init__(self, decision: RouteDecision, runtime: Runtime) -> None:
-        self.reply = decision.local_reply
-        self.cluster = decision.cluster or ""
-        # Valid as long as the runtime is: a reload makes new _Prepared objects.
-        self.crt: ClusterRuntime | None = runtime.clusters.get(self.cluster)
-        # Istio puts the hash policy on the route (a weighted split folds every destination's
-        # policy into one key), so the route's affinity decides, not the cluster's.
-        self.affinity = decision.action.affinity
-        self.target = decision.path.encode("latin-1") if decision.rewrites_path else None
-        self.authority = decision.authority
-        self.request_headers = decision.request_headers
-        self.response_headers = decision.response_headers
-        self.timeout = decision.timeout
-        self.plan = retry_plan(decision.retries)
-
-
 class _Memo:
     """One connection's last route, session hash and Forward (``Exchange.memo``).
 
@@ -160,13 +138,13 @@ class _Memo:
         self.authority: bytes | None = None
         self.method = b""
         self.target = b""
-        self.route: _Prepared | None = None
+        self.route: Prepared | None = None
         self.affinity: Affinity | None = None
         self.cookie = b""
         self.hash: int | None = None
         self.set_cookie: bytes | None = None
         self.snapshot: object = None
-        self.forward_route: _Prepared | None = None
+        self.forward_route: Prepared | None = None
         self.forward_hash = 0
         self.forward: Forward | None = None
 
@@ -212,13 +190,13 @@ class Dispatcher:
         # Both live as long as the proxy: a reload swaps only ``ref.current``.
         self._metrics = metrics
         self._access_log = access_log
-        self._cache: dict[tuple[bytes | None, bytes, bytes], _Prepared] = {}
+        self._cache: dict[tuple[bytes | None, bytes, bytes], Prepared] = {}
         # What the cache was filled from, and that runtime's router for this port.
         self._cached_for: Runtime | None = None
         self._router: Router | None = None
         self._cacheable = False
 
-    def _route(self, runtime: Runtime, ex: Exchange, memo: _Memo) -> _Prepared | None:
+    def _route(self, runtime: Runtime, ex: Exchange, memo: _Memo) -> Prepared | None:
         if (
             memo.runtime is runtime
             and memo.target == ex.target
@@ -254,7 +232,7 @@ class Dispatcher:
         decision = router.match(authority, target, ex.method.decode("latin-1"), headers, params)
         if decision is None:
             return None
-        prepared = _Prepared(decision, runtime)
+        prepared = Prepared(decision, runtime)
         if cacheable and decision.deterministic:
             if len(self._cache) >= ROUTE_CACHE_SIZE:
                 self._cache.clear()
@@ -263,7 +241,7 @@ class Dispatcher:
         return prepared
 
     @staticmethod
-    def _remember(memo: _Memo, runtime: Runtime, ex: Exchange, route: _Prepared) -> None:
+    def _remember(memo: _Memo, runtime: Runtime, ex: Exchange, route: Prepared) -> None:
         memo.runtime = runtime
         memo.authority = ex.authority
         memo.method = ex.method
@@ -299,6 +277,9 @@ class Dispatcher:
             return route.reply
         crt = route.crt
         if crt is None:
+            ext = route.ext
+            if ext is not None:
+                return self._extended(route, ext, ex, memo)
             ex.flags = "NC"
             return NO_CLUSTER
         stats = crt.stats
@@ -347,6 +328,151 @@ class Dispatcher:
             memo.forward_route = route
             memo.forward_hash = hash_
             memo.forward = forward
+        return forward
+
+    def _extended(
+        self, route: Prepared, ext: Extended, ex: Exchange, memo: _Memo
+    ) -> Forward | LocalReply:
+        """The second path: persistent session, draining endpoints, bounded load, sticky split."""
+        persistent = ext.persistent
+        address = ""
+        status = ABSENT
+        now = 0.0
+        if persistent is not None:
+            if persistent.applies(ex.target):
+                now = time.time()  # wall clock: every replica reads an expiry alike
+                address, _, status = persistent.read(ex.headers, now)
+            else:
+                persistent = None  # Envoy: no session state outside the cookie's path
+        hash_: int | None = None
+        set_cookie: bytes | None = None
+        hashed = False
+        if ext.split is not None:
+            part = ext.part_holding(address) if status == NAMED else None
+            if part is None:
+                affinity = route.affinity
+                if affinity is not None:
+                    hash_, set_cookie = self._session(memo, affinity, ex)
+                hashed = True
+                part = ext.part_for(hash_ if hash_ is not None else random.getrandbits(64))
+            route = part
+            part_ext = part.ext
+            assert part_ext is not None
+            ext = part_ext
+        crt = ext.crt
+        if crt is None:
+            ex.flags = "NC"
+            return NO_CLUSTER
+        stats = crt.stats
+        if stats is not None:
+            stats.active += 1
+            ex.tag = stats
+        cluster = crt.cluster
+        snap = cluster.snapshot
+        if status == NAMED:
+            assert persistent is not None
+            pool = snap.targets.get(address)
+            if pool is not None:  # the session's pod: no hash, no new cookie (Envoy's override)
+                if stats is not None:
+                    stats.session_routed += 1
+                    if address in snap.draining:
+                        stats.session_draining += 1
+                return self._to_session_pod(route, ext, ex, pool, address, stats, now)
+            if stats is not None:
+                if address in snap.pools:
+                    stats.session_unhealthy += 1
+                else:
+                    stats.session_gone += 1
+            if persistent.strict:
+                ex.flags = "UH"  # Envoy: the strict destination is not available
+                return NO_HEALTHY_UPSTREAM
+        elif status != ABSENT and stats is not None:
+            if status == EXPIRED:
+                stats.session_expired += 1
+            elif status == BAD_SIGNATURE:
+                stats.session_bad_signature += 1
+        balancer = snap.balancer
+        if balancer is None:
+            ex.flags = "UH"
+            return NO_HEALTHY_UPSTREAM
+        if not hashed:
+            affinity = route.affinity
+            if affinity is not None:
+                hash_, set_cookie = self._session(memo, affinity, ex)
+        if set_cookie is not None and stats is not None:
+            stats.cookies += 1
+        keyed = hash_ is not None
+        if hash_ is None:
+            hash_ = random.getrandbits(64)
+        bounded = snap.bounded
+        if bounded is not None:
+            pools = snap.pools
+            total = cluster_in_flight(pools, snap.targets, snap.draining)
+            key, spilled = bounded.choose(hash_, lambda k: in_flight(pools[k]), total)
+            if spilled and stats is not None:
+                stats.spilled += 1
+        else:
+            key = balancer.pick(hash_)
+        hash_cookie = set_cookie  # a cookie the hash policy generated: kept on a re-pick
+        response_headers = route.response_headers
+        if persistent is not None and (status != NAMED or key != address):
+            line = persistent.line(key, now)
+            set_cookie = line if set_cookie is None else set_cookie + line
+            if ext.drop_edit is not None:
+                response_headers = ext.drop_edit
+        retry = SessionRetry(
+            cluster, hash_, key, stats, keyed, persistent, hash_cookie, ext.drop_edit, now
+        )
+        plan = route.plan
+        forward = Forward(
+            snap.pools[key],
+            target=route.target,
+            authority=route.authority,
+            request_headers=route.request_headers,
+            response_headers=response_headers,
+            set_cookie=set_cookie,
+            timeout=route.timeout,
+            next_pool=retry,
+            connect_retries=connect_retries(plan, balancer),
+            retry=plan,
+        )
+        retry.forward = forward
+        return forward
+
+    @staticmethod
+    def _to_session_pod(
+        route: Prepared,
+        ext: Extended,
+        ex: Exchange,
+        pool: UpstreamPool,
+        address: str,
+        stats: ClusterStats | None,
+        now: float,
+    ) -> Forward:
+        """Forward to the pod the session names; a connect failure re-picks by the route's hash
+        (computed then, from the exchange: a request that reaches its pod never needs it) and
+        names the new pod."""
+        crt = ext.crt
+        assert crt is not None
+        cluster = crt.cluster
+        retry = SessionRetry(
+            cluster, None, address, stats, True, ext.persistent, None, ext.drop_edit, now
+        )
+        retry.affinity = route.affinity
+        retry.exchange = ex
+        plan = route.plan
+        forward = Forward(
+            pool,
+            target=route.target,
+            authority=route.authority,
+            request_headers=route.request_headers,
+            response_headers=route.response_headers,
+            timeout=route.timeout,
+            next_pool=retry,
+            connect_retries=connect_retries(plan, cluster.snapshot.balancer),
+            retry=plan,
+        )
+        retry.forward = forward
         return forward
 
     def finished(self, ex: Exchange) -> None:

@@ -3,31 +3,34 @@
 This module owns the route explainer: a ``Probe`` (a request as the proxy would receive it) goes
 through the proxy's own code - ``Router.match`` with the header and query folding of
 ``proxy.dispatch``, ``Affinity.compute`` for the session hash and the cookie the proxy would
-invent, the cluster's balancer for the pick - and comes back as an ``Explanation``, a plain
-value. The CLI prints it as ``label: value`` lines (``as_lines``) from the configuration's
-endpoints; the admin port serves it as JSON (``as_json``) from the live snapshots. What differs
-between the two is only where a cluster's endpoints come from (a ``ClusterView``).
+invent, the cluster's balancer for the pick, and, where configured, a sticky split's pick by
+hash, the persistent session's value (decoded, its pod's state: healthy, draining, unhealthy or
+gone) and bounded load's spill - and comes back as an ``Explanation``, a plain value. The CLI
+prints it as ``label: value`` lines (``as_lines``) from the configuration's endpoints; the admin
+port serves it as JSON (``as_json``) from the live snapshots; both texts are
+``proxy.explain_text``'s. What differs between the two is only where a cluster's endpoints come
+from (a ``ClusterView``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlencode
 
+from proxy import explain_text
 from proxy.affinity import (
-    CookiePolicy,
-    HashPolicy,
-    HeaderPolicy,
-    QueryParameterPolicy,
     set_cookie_value,
 )
-from proxy.cluster import Balancer, build_balancer
+from proxy.bounded import BoundedLoad
+from proxy.cluster import Balancer, build_balancer, build_bounded
 from proxy.config import ClusterSpec, Config, DnsEndpoints, Endpoint, ListenerSpec
 from proxy.dispatch import fold_headers, query_params
-from proxy.exchange import HeaderEdit
 from proxy.routing import RouteDecision, Router
+from proxy.sessions import ABSENT, NAMED, STATUS_TEXT, PersistentSession
 
 Address = tuple[str, int]
 
@@ -77,15 +80,75 @@ class ClusterView:
     spec: ClusterSpec
     endpoints: tuple[Endpoint, ...] | None
     balancer: Balancer | None
+    # What a persistent session may name (None: the endpoints), the draining ones with the
+    # seconds they have left, the requests in flight per endpoint (None: no load) and the
+    # bounded-load balancer.
+    targets: frozenset[str] | None = None
+    draining: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    load: Mapping[str, int] | None = None
+    bounded: BoundedLoad | None = None
+    known: frozenset[str] | None = None  # every endpoint, healthy or not (None: the endpoints)
+
+    def is_target(self, address: str) -> bool:
+        if self.targets is not None:
+            return address in self.targets
+        return any(ep.key == address for ep in self.endpoints or ())
+
+    def state_of(self, address: str) -> str:
+        """The state of the pod a session names: healthy, draining, unhealthy or gone."""
+        left = self.draining.get(address)
+        if left is not None:
+            return f"draining, {left:.0f}s left"
+        if self.is_target(address):
+            return "healthy"
+        if self.known is not None and address in self.known:
+            return "unhealthy"
+        return "gone"
 
 
 def configured_cluster(spec: ClusterSpec) -> ClusterView:
-    """The view from the configuration alone: static endpoints, all healthy."""
+    """The view from the configuration alone: static endpoints, all healthy, no load."""
     endpoints = spec.endpoints
     if isinstance(endpoints, DnsEndpoints):
         return ClusterView(spec, None, None)
     found = endpoints.endpoints
-    return ClusterView(spec, found, build_balancer(spec.lb, found) if found else None)
+    balancer = build_balancer(spec.lb, found) if found else None
+    return ClusterView(spec, found, balancer, bounded=build_bounded(spec.lb, found, balancer))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionNote:
+    """What the route's persistent session does with the probe."""
+
+    persistent: PersistentSession
+    status: int  # proxy.sessions: ABSENT, NAMED, EXPIRED, BAD_SIGNATURE
+    address: str
+    expires: int
+    covered: bool  # the request path is under the cookie's path
+    state: str  # the named pod: "healthy", "draining, 12s left", "unhealthy", "gone", ""
+    routed: bool  # the request goes to the pod the value names
+    strict_reply: bool  # strict mode answers 503
+    set_value: str | None  # the response's new session cookie or header (None: none)
+
+    def value_text(self) -> str:
+        if not self.covered:
+            return f"none: the path is not under the cookie path {self.persistent.path}"
+        text = STATUS_TEXT[self.status]
+        if self.status == ABSENT:
+            return "absent"
+        expiry = f", expires {self.expires}" if self.expires else ""
+        if self.address:
+            return f"{text}: {self.address}{expiry}"
+        return text
+
+    def pod_text(self) -> str:
+        if self.routed:
+            return f"{self.address} ({self.state}): the request goes there"
+        if self.strict_reply:
+            return f"{self.address} ({self.state}): strict, the proxy answers 503"
+        if self.status == NAMED:
+            return f"{self.address} ({self.state}): the balancer picks again"
+        return "none: the balancer picks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +173,9 @@ class Explanation:
     hash: int | None
     set_cookie: str | None
     endpoint: str | None
+    split: str | None = None  # a sticky split's pick by hash
+    session: SessionNote | None = None
+    bounded: str | None = None  # bounded load's verdict on the hashed endpoint
 
     @property
     def request(self) -> str:
@@ -121,11 +187,11 @@ class Explanation:
 
     def as_lines(self) -> list[tuple[str, str]]:
         """(label, text) lines, as ``sticky-proxy route`` prints them."""
-        return _lines(self)
+        return explain_text.lines(self)
 
     def as_json(self) -> tuple[int, dict[str, Any]]:
         """(status, answer) as the admin ``/route`` serves them; 404 when no route matches."""
-        return _json(self)
+        return explain_text.as_json(self)
 
 
 def explain(
@@ -145,29 +211,13 @@ def explain(
     decision = router.match(
         probe.host, target, probe.method, fold_headers(wire), query_params(target)
     )
-    view: ClusterView | None = None
-    hash_: int | None = None
-    set_cookie: str | None = None
-    endpoint: str | None = None
+    walk = _Walk(config, probe, wire, local, clusters)
     source = ""
     if decision is not None:
         name = decision.action.virtual_service
         source = next((vs.source for vs in config.virtual_services if vs.key == name), "")
         if decision.local_reply is None:
-            if clusters is None:
-                spec = config.clusters.get(decision.cluster or "")
-                view = configured_cluster(spec) if spec is not None else None
-            else:
-                view = clusters(decision.cluster or "")
-    if view is not None and decision is not None:
-        affinity = decision.action.affinity
-        if affinity is not None:
-            hash_, generated = affinity.compute(wire, target.encode("latin-1"), probe.client, local)
-            policy = affinity.cookie_policy
-            if generated is not None and policy is not None:
-                set_cookie = set_cookie_value(policy, generated)
-        if view.balancer is not None and view.spec.lb.consistent_hash is not None:
-            endpoint = view.balancer.pick(hash_) if hash_ is not None else None
+            decision = walk.run(decision)
     return Explanation(
         probe=probe,
         port=router.port,
@@ -176,11 +226,151 @@ def explain(
         vhosts=router.vhosts,
         decision=decision,
         source=source,
-        cluster=view,
-        hash=hash_,
-        set_cookie=set_cookie,
-        endpoint=endpoint,
+        cluster=walk.view,
+        hash=walk.hash,
+        set_cookie=walk.set_cookie,
+        endpoint=walk.endpoint,
+        split=walk.split,
+        session=walk.note,
+        bounded=walk.bounded,
     )
+
+
+class _Walk:
+    """The dispatcher's decision, step by step, for one probe (``proxy.dispatch._extended``)."""
+
+    def __init__(
+        self,
+        config: Config,
+        probe: Probe,
+        wire: list[tuple[bytes, bytes]],
+        local: Address,
+        clusters: Callable[[str], ClusterView | None] | None,
+    ) -> None:
+        self.config = config
+        self.probe = probe
+        self.wire = wire
+        self.local = local
+        self.clusters = clusters
+        self.view: ClusterView | None = None
+        self.hash: int | None = None
+        self.hashed = False
+        self.set_cookie: str | None = None
+        self.endpoint: str | None = None
+        self.split: str | None = None
+        self.note: SessionNote | None = None
+        self.bounded: str | None = None
+
+    def view_of(self, name: str) -> ClusterView | None:
+        if self.clusters is not None:
+            return self.clusters(name)
+        spec = self.config.clusters.get(name)
+        return configured_cluster(spec) if spec is not None else None
+
+    def compute_hash(self, decision: RouteDecision) -> None:
+        self.hashed = True
+        affinity = decision.action.affinity
+        if affinity is not None:
+            target = self.probe.target.encode("latin-1")
+            self.hash, generated = affinity.compute(
+                self.wire, target, self.probe.client, self.local
+            )
+            policy = affinity.cookie_policy
+            if generated is not None and policy is not None:
+                self.set_cookie = set_cookie_value(policy, generated)
+
+    def run(self, decision: RouteDecision) -> RouteDecision:
+        persistent = decision.action.persistent
+        now = time.time()
+        status, address, expires, covered = ABSENT, "", 0, True
+        if persistent is not None:
+            covered = persistent.applies(self.probe.target.encode("latin-1"))
+            if covered:
+                address, expires, status = persistent.read(self.wire, now)
+        split = decision.split
+        if split is not None:
+            decision = self.pick_split(decision, split, address if status == NAMED else "")
+        view = self.view = self.view_of(decision.cluster or "")
+        if view is None:
+            return decision
+        if persistent is not None:
+            routed = status == NAMED and view.is_target(address)
+            self.note = SessionNote(
+                persistent,
+                status,
+                address,
+                expires,
+                covered,
+                view.state_of(address) if status == NAMED else "",
+                routed,
+                status == NAMED and not routed and persistent.strict,
+                None,
+            )
+            if routed:
+                self.endpoint = address
+                return decision
+            if self.note.strict_reply:
+                return decision
+        if not self.hashed:
+            self.compute_hash(decision)
+        hash_ = self.hash
+        hashing = view.spec.lb.consistent_hash is not None
+        if view.balancer is not None and hashing and hash_ is not None:
+            self.endpoint = view.balancer.pick(hash_)
+            if view.bounded is not None:
+                self.endpoint, self.bounded = _bounded(view, hash_, self.endpoint)
+        note = self.note
+        named = note.address if note is not None and note.status == NAMED else None
+        if note is not None and note.covered and self.endpoint not in (None, named):
+            assert self.endpoint is not None
+            self.note = replace(note, set_value=note.persistent.value(self.endpoint, now))
+        return decision
+
+    def pick_split(self, decision: RouteDecision, split: Any, address: str) -> RouteDecision:
+        """A sticky split: the destination holding the session's pod, else by hash."""
+        actions = split.actions
+        weights = ", ".join(
+            f"{_destination_name(a)} {upto - (split.cumulative[i - 1] if i else 0)}"
+            for i, (a, upto) in enumerate(zip(actions, split.cumulative, strict=True))
+        )
+        if address:
+            for action in actions:
+                view = self.view_of(action.cluster or "")
+                if view is not None and view.is_target(address):
+                    self.split = f"{action.cluster}: it holds the session's pod ({weights})"
+                    return replace(decision, action=action)
+        self.compute_hash(decision)
+        if self.hash is None:
+            chosen = actions[0]
+            self.split = f"random per request: no hash key ({weights})"
+        else:
+            chosen = split.pick(self.hash)
+            point = self.hash % split.total
+            self.split = f"by hash: {point} of {split.total} -> {chosen.cluster} ({weights})"
+        return replace(decision, action=chosen)
+
+
+def _destination_name(action: Any) -> str:
+    dest = action.destination
+    return (dest.subset or dest.host) if dest is not None else str(action.cluster)
+
+
+def _bounded(view: ClusterView, hash_: int, hashed: str) -> tuple[str, str]:
+    """(endpoint, verdict) of bounded load at the view's load (none in the CLI)."""
+    bounded = view.bounded
+    assert bounded is not None
+    load = view.load or {}
+    total = sum(load.values())
+    chosen, spilled = bounded.choose(hash_, lambda key: load.get(key, 0), total)
+    where = "now" if view.load is not None else "at zero load (the CLI sees no traffic)"
+    factor = f"{bounded.factor}%: no endpoint above {bounded.factor / 100:g}x its share"
+    active = load.get(hashed, 0)
+    if spilled:
+        return chosen, (
+            f"{factor}; {hashed} is full {where} ({active} in flight, "
+            f"overload {bounded.overload(hashed, active, total):.2f}): spills to {chosen}"
+        )
+    return chosen, f"{factor}; {hashed} has room {where} ({active} of {total} in flight)"
 
 
 # --------------------------------------------------------------------------- arguments
@@ -198,162 +388,3 @@ def address_of(text: str) -> Address | None:
     if not host or not port.isdigit():
         return None
     return host.strip("[]"), int(port)
-
-
-# --------------------------------------------------------------------------- the CLI's text
-def _lines(ex: Explanation) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    add = out.append
-    if ex.listener is not None:
-        gateways = ", ".join(ex.listener.gateways)
-        add(("listener", f"{ex.listener.bind}:{ex.port} (Gateway {gateways})"))
-    add(("request", ex.request))
-    add(("connection", f"client {_fmt(ex.probe.client)} -> proxy {_fmt(ex.local)}"))
-    decision = ex.decision
-    if decision is None:
-        vhosts = ", ".join(ex.vhosts) or "none"
-        add(("route", f"none: the proxy answers 404 (no route; virtual hosts: {vhosts})"))
-        return out
-    action = decision.action
-    add(("virtual host", decision.vhost))
-    if action.virtual_service:
-        add(("VirtualService", f"{action.virtual_service} ({ex.source})"))
-        match = f" match[{action.match_index}]" if action.match_index is not None else ""
-        name = f" name {action.route_name!r}" if action.route_name else ""
-        add(("route", f"http[{action.route_index}]{match}{name}"))
-    reply = decision.local_reply
-    if reply is not None:
-        what = "redirect" if action.redirect is not None else "direct response"
-        extra = f" -> {decision.location}" if decision.location else ""
-        body = f" body {reply.body[:60]!r}" if reply.body else ""
-        add(("reply", f"{what} {reply.status}{extra}{body}"))
-        return out
-    method = ex.probe.method
-    host = (decision.authority or ex.probe.host.encode()).decode("latin-1")
-    add(("cluster", decision.cluster or ""))
-    add(("upstream", f"{method} {decision.path} (Host: {host})"))
-    edits = _edits(decision.request_headers)
-    if edits:
-        add(("headers", edits))
-    add(("timeout", f"{decision.timeout:g}s" if decision.timeout is not None else "none"))
-    retries = decision.retries
-    add(
-        (
-            "retries",
-            f"{retries.attempts} on {','.join(retries.retry_on)}"
-            if retries is not None
-            else "disabled",
-        )
-    )
-    view = ex.cluster
-    if view is None:
-        add(("endpoints", "none: the cluster does not exist (the proxy answers 503)"))
-        return out
-    lb = view.spec.lb
-    add(("load balancer", lb.describe))
-    affinity = action.affinity
-    if affinity is not None:
-        add(("hash policy", "; ".join(_policy(p) for p in affinity.policies)))
-        add(("hash key", ex.hash_key or "none: no policy found its key, the pick is random"))
-        policy = affinity.cookie_policy
-        if ex.set_cookie is not None:
-            add(("set-cookie", ex.set_cookie))
-        elif policy is not None:
-            reason = "the request carries it" if policy.ttl is not None else "no ttl: read only"
-            add(("set-cookie", f"none ({reason})"))
-    else:
-        add(("hash policy", "none"))
-    spec_endpoints = view.spec.endpoints
-    if view.endpoints is None:
-        targets = spec_endpoints.targets if isinstance(spec_endpoints, DnsEndpoints) else ()
-        names = " ".join(t.key for t in targets) or "none"
-        add(("endpoints", f"DNS {names} (resolved at run time; no endpoint picked)"))
-        return out
-    if view.balancer is None:
-        add(("endpoints", "none: the proxy answers 503 no healthy upstream"))
-        return out
-    add(
-        (
-            "endpoints",
-            " ".join(
-                ep.key + (f" (weight {ep.weight})" if ep.weight != 1 else "")
-                for ep in view.endpoints
-            ),
-        )
-    )
-    if lb.consistent_hash is None:
-        add(("endpoint", f"chosen per request by {lb.describe} (not by a hash)"))
-    elif ex.endpoint is None:
-        add(("endpoint", "random (no hash key)"))
-    else:
-        add(("endpoint", ex.endpoint))
-    return out
-
-
-def _policy(policy: HashPolicy) -> str:
-    if isinstance(policy, CookiePolicy):
-        parts = [f"cookie {policy.name}"]
-        parts.append(f"ttl {policy.ttl}s" if policy.ttl is not None else "no ttl (read only)")
-        if policy.path:
-            parts.append(f"path {policy.path}")
-        parts.extend(f"{a.name}={a.value}" if a.value else a.name for a in policy.attributes)
-        return ", ".join(parts)
-    if isinstance(policy, HeaderPolicy):
-        return f"header {policy.name}"
-    if isinstance(policy, QueryParameterPolicy):
-        return f"query parameter {policy.name}"
-    return "source IP"
-
-
-def _edits(edit: HeaderEdit | None) -> str:
-    if edit is None:
-        return ""
-    parts = [f"-{n.decode()}" for n in sorted(edit.remove)]
-    parts += [f"{n.decode()}={v.decode()}" for n, v in edit.set]
-    parts += [f"+{n.decode()}={v.decode()}" for n, v in edit.add]
-    return " ".join(parts)
-
-
-def _fmt(address: Address) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-# --------------------------------------------------------------------------- the admin's JSON
-def _json(ex: Explanation) -> tuple[int, dict[str, Any]]:
-    answer: dict[str, Any] = {"port": ex.port, "request": ex.request}
-    decision = ex.decision
-    if decision is None:
-        answer["route"] = None
-        answer["reply"] = "404 no route"
-        return 404, answer
-    action = decision.action
-    answer.update(
-        virtual_host=decision.vhost,
-        virtual_service=action.virtual_service,
-        route=action.route_name or f"http[{action.route_index}]",
-        cluster=decision.cluster,
-    )
-    reply = decision.local_reply
-    if reply is not None:
-        location = f" -> {decision.location}" if decision.location else ""
-        answer["reply"] = f"{reply.status}{location}"
-        return 200, answer
-    view = ex.cluster
-    if view is None:
-        answer["reply"] = "503 no healthy upstream (no such cluster)"
-        return 200, answer
-    answer["upstream_path"] = decision.path
-    if ex.set_cookie is not None:
-        answer["set_cookie"] = ex.set_cookie
-    answer["hash_key"] = ex.hash_key
-    answer["endpoints"] = [ep.key for ep in view.endpoints] if view.endpoints is not None else None
-    lb = view.spec.lb
-    if view.balancer is None:
-        answer["reply"] = "503 no healthy upstream"
-    elif lb.consistent_hash is None or ex.hash is None:
-        answer["endpoint"] = None
-        answer["note"] = f"chosen per request by {lb.describe} (no hash key)"
-    else:
-        answer["endpoint"] = ex.endpoint
-    return 200, answer

@@ -279,10 +279,18 @@ def _metadata(r: Reader, kind: str, metadata: object) -> Meta | None:
         r.error("metadata.namespace", f"invalid namespace {namespace!r}")
     annotations = r.string_map(metadata, "annotations", "metadata") or {}
     check = _health_check(r, annotations.get(HEALTH_CHECK_ANNOTATION))
-    r.string_map(metadata, "labels", "metadata")
+    labels = r.string_map(metadata, "labels", "metadata") or {}
     if name is None:
         return None
-    return Meta(kind, name, namespace, MappingProxyType(annotations), r.where, check)
+    return Meta(
+        kind,
+        name,
+        namespace,
+        MappingProxyType(annotations),
+        r.where,
+        check,
+        MappingProxyType(labels),
+    )
 
 
 def _health_check(r: Reader, text: str | None) -> HealthCheckSpec | None:

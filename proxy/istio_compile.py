@@ -14,6 +14,10 @@ ServiceEntry host.
 * **TLS** (``proxy.istio_tls``): certificates named by Gateway servers and DestinationRules are
   read first (Secrets of the YAML, then the ``--credentials`` folder); a port whose servers
   terminate TLS is an HTTPS listener, and may not also have plain HTTP servers.
+* **Sessions that survive change** (``proxy.istio_session``): a ServiceEntry's persistent-session
+  labels give every cluster of its hosts a ``SessionSpec``; a DestinationRule's
+  ``sticky-proxy/hash-balance-factor`` bounds the load of its consistent-hash clusters; a
+  VirtualService's ``sticky-proxy/sticky-weights`` makes its weighted splits follow the hash.
 * **Endpoints**: a ServiceEntry gives them (STATIC addresses, or DNS names; endpoint ``ports``
   map the service port by name, else ``targetPort``, else the port itself; weight 0 means 1);
   a host without a ServiceEntry is resolved through DNS at the destination port (a Kubernetes
@@ -35,7 +39,9 @@ from proxy.config import (
     GatewaySpec,
     HttpRoute,
     ListenerSpec,
+    LoadBalancerSettings,
     RouteDestination,
+    SessionSpec,
     StaticEndpoints,
     VirtualServiceSpec,
     cluster_name,
@@ -54,6 +60,12 @@ from proxy.istio_dr import (
 )
 from proxy.istio_names import MESH_GATEWAY
 from proxy.istio_reader import Issues, Reader, did_you_mean, join_path
+from proxy.istio_session import (
+    BALANCE_ANNOTATION,
+    read_balance_factor,
+    read_session,
+    read_sticky_weights,
+)
 from proxy.istio_tls import (
     Credentials,
     ParsedSecret,
@@ -100,6 +112,20 @@ class Compiler:
         self.service_ports = {
             host: tuple(p.number for p in se.ports) for host, se in self.entries.items()
         }
+        # Persistent sessions by service host, from the labels of the object that defines the
+        # service. TODO(issue 15): a Kubernetes Service's Meta goes through read_session too.
+        self.sessions: dict[str, SessionSpec] = {}
+        for se in parsed.service_entries:
+            session = read_session(se.reader, se.meta)
+            for host in se.hosts:
+                if session is not None and self.entries.get(host) is se:
+                    self.sessions[host] = session
+        # Bounded load by DestinationRule host (the first rule of a host that sets it).
+        self.balance: dict[str, tuple[int, Reader]] = {}
+        for dr in parsed.destination_rules:
+            factor = read_balance_factor(dr.reader, dr.meta)
+            if factor:
+                self.balance.setdefault(dr.host, (factor, dr.reader))
         self.clusters: dict[str, ClusterSpec] = {}
 
     def _read_certificates(self) -> None:
@@ -147,6 +173,7 @@ class Compiler:
                     gateways,
                     tuple(routes),
                     vs.meta.where,
+                    read_sticky_weights(vs.reader, vs.meta),
                 )
             )
         return out
@@ -350,7 +377,7 @@ class Compiler:
             host=host,
             port=port,
             subset=subset,
-            lb=(policy.lb if policy and policy.lb else DEFAULT_LB),
+            lb=self._bounded(rule.host if rule else None, policy.lb if policy else None),
             endpoints=endpoints,
             outlier=outlier,
             pool=(policy.pool if policy and policy.pool else DEFAULT_POOL),
@@ -358,7 +385,27 @@ class Compiler:
             panic_threshold=float(outlier.min_health_percent) if outlier else 50.0,
             source=source,
             tls=tls,
+            session=self.sessions.get(host),
         )
+
+    def _bounded(
+        self, rule_host: str | None, lb: LoadBalancerSettings | None
+    ) -> LoadBalancerSettings:
+        """The cluster's load balancer, with its rule's hash-balance-factor when it hashes."""
+        lb = lb or DEFAULT_LB
+        found = self.balance.get(rule_host) if rule_host is not None else None
+        if found is None:
+            return lb
+        factor, reader = found
+        ch = lb.consistent_hash
+        if ch is None:
+            reader.warn(
+                f"metadata.annotations.{BALANCE_ANNOTATION}",
+                f"ignored for a {lb.describe} load balancer: bounded load applies to "
+                "consistentHash (ring hash and Maglev)",
+            )
+            return lb
+        return replace(lb, consistent_hash=replace(ch, hash_balance_factor=factor))
 
     def _endpoints(
         self, host: str, port: int, selector: tuple[tuple[str, str], ...], subset: str | None

@@ -9,7 +9,7 @@ Theory
   legacy ``name.ns.svc.cluster.local``.
 
 Every resource parser gets the document's metadata as a ``Meta`` - kind, name, namespace,
-annotations (the health-check one already parsed) and where it was read - and shares the
+annotations (the health-check one already parsed), labels and where it was read - and shares the
 constants below.  The YAML-path, type and error helpers (``Reader``, ``Issues``, ``join_path``,
 durations, ports) are ``proxy.istio_reader``'s; this module imports no other ``proxy.istio*``
 module but that one, so the parsers can all stand on it."""
@@ -17,7 +17,8 @@ module but that one, so the parsers can all stand on it."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from proxy.config import HealthCheckSpec, is_ip
 from proxy.istio_reader import Reader, fqdn_problem, is_dns1123_label
@@ -73,6 +74,8 @@ class Meta:
     annotations: Mapping[str, str]
     where: str
     health_check: HealthCheckSpec | None = None  # the sticky-proxy/health-check annotation
+    # metadata.labels (istio.io/persistent-session: proxy.istio_session reads them)
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def key(self) -> str:

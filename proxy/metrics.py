@@ -16,7 +16,8 @@ Dashboards built for the Istio ingress gateway read three families, and we keep 
   (``envoy_cluster_membership_healthy``, ``..._total``, upstream requests by code class, retries,
   active connections and requests, ejections);
 * the proxy's own ``sticky_*`` counters (cookies issued, sessions re-homed, balancer rebuilds,
-  config reloads).
+  config reloads; persistent sessions routed, re-picked by reason and served while draining,
+  and requests bounded load spilled off a full endpoint).
 
 prometheus-client appends ``_total`` to every counter it exposes, so Envoy's counters appear as
 ``envoy_cluster_upstream_rq_xx_total`` and so on; gauges keep Envoy's names exactly.
@@ -194,6 +195,31 @@ class Metrics:
             c,
             registry=reg,
         )
+        self.session_routed = Counter(
+            "sticky_persistent_sessions_routed",
+            "Requests a persistent session cookie or header sent to the pod it names",
+            c,
+            registry=reg,
+        )
+        self.session_repicked = Counter(
+            "sticky_persistent_sessions_repicked",
+            "Requests whose persistent session could not be used: the balancer picked again "
+            "(reason: gone, unhealthy, expired, bad_signature)",
+            ("cluster_name", "reason"),
+            registry=reg,
+        )
+        self.session_draining = Counter(
+            "sticky_persistent_sessions_draining",
+            "Requests a persistent session sent to an endpoint that is draining",
+            c,
+            registry=reg,
+        )
+        self.bounded_spilled = Counter(
+            "sticky_bounded_load_spilled",
+            "Requests bounded load sent off their hashed endpoint because it was full",
+            c,
+            registry=reg,
+        )
         self.rebuilds = Counter("sticky_balancer_rebuilds", "Ring/table rebuilds", c, registry=reg)
         self.reloads = Counter(
             "sticky_config_reloads", "Configuration reloads", ("result",), registry=reg
@@ -351,7 +377,8 @@ class ClusterStats:
     adds to plain numbers in a ``_Tally`` (a few attribute increments and three bucket scans, no
     lock); :meth:`flush` moves them into the prometheus-client children, at scrape time (one
     process) or every second (workers). ``active`` (requests in flight) and ``cookies`` are
-    plain ints too.
+    plain ints too, and so are the persistent-session and bounded-load counts (``session_*``,
+    ``spilled``; their label children are made at the first flush that has something to add).
     """
 
     __slots__ = (
@@ -368,6 +395,13 @@ class ClusterStats:
         "replays",
         "retried",
         "retries",
+        "session_bad_signature",
+        "session_draining",
+        "session_expired",
+        "session_gone",
+        "session_routed",
+        "session_unhealthy",
+        "spilled",
     )
 
     def __init__(self, metrics: Metrics, spec: ClusterSpec | None) -> None:
@@ -385,6 +419,13 @@ class ClusterStats:
         self.replayed = 0  # from Exchange.replays
         self.replays = metrics.replays.labels(self.name)
         self.rehomed = metrics.rehomed.labels(self.name, "connect_failure")
+        self.session_routed = 0
+        self.session_draining = 0
+        self.session_gone = 0
+        self.session_unhealthy = 0
+        self.session_expired = 0
+        self.session_bad_signature = 0
+        self.spilled = 0
         metrics.all_stats.append(self)
 
     def _tally(self, key: tuple[int, str]) -> _Tally:
@@ -444,3 +485,23 @@ class ClusterStats:
         if self.cookies:
             self._cookies_child.inc(self.cookies)
             self.cookies = 0
+        m = self._metrics
+        if self.session_routed:
+            m.session_routed.labels(self.name).inc(self.session_routed)
+            self.session_routed = 0
+        if self.session_draining:
+            m.session_draining.labels(self.name).inc(self.session_draining)
+            self.session_draining = 0
+        if self.spilled:
+            m.bounded_spilled.labels(self.name).inc(self.spilled)
+            self.spilled = 0
+        for reason, count in (
+            ("gone", self.session_gone),
+            ("unhealthy", self.session_unhealthy),
+            ("expired", self.session_expired),
+            ("bad_signature", self.session_bad_signature),
+        ):
+            if count:
+                m.session_repicked.labels(self.name, reason).inc(count)
+        self.session_gone = self.session_unhealthy = 0
+        self.session_expired = self.session_bad_signature = 0

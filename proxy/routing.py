@@ -23,9 +23,11 @@ listener port (``Router``) and then consulted per request with no allocation bey
    and exact only.  Headers: ``{}`` (or regex ``*``) tests presence; ``withoutHeaders`` inverts
    and treats a missing header as empty.  Query parameters: first occurrence, raw (not decoded).
 4. **Action**: one destination, or a weighted pick among those with weight > 0 (``rand`` is
-   injectable for tests).  Rewrites replace the matched prefix (or the whole path for exact and
-   regex matches) and keep the query; header operations are precomputed into ordered mutations
-   (remove, then set/add in Istio's order).
+   injectable for tests); with ``sticky-proxy/sticky-weights`` the pick is left to the caller,
+   who has the request's hash: ``RouteDecision.split`` picks ``hash % total`` on the running
+   weights (Envoy's ``WeightedCluster.use_hash_policy``).  Rewrites replace the matched prefix
+   (or the whole path for exact and regex matches) and keep the query; header operations are
+   precomputed into ordered mutations (remove, then set/add in Istio's order).
 
 Everything per route is precomputed in a ``RouteAction``; a ``RouteDecision`` adds only what
 depends on the request (the chosen action, the upstream path, a redirect's Location).
@@ -50,6 +52,7 @@ from proxy.config import (
     Redirect,
     RetryPolicy,
     RouteDestination,
+    SessionSpec,
     StringMatch,
     VirtualServiceSpec,
     cluster_name,
@@ -59,6 +62,7 @@ from proxy.config import (
 )
 from proxy.exchange import HeaderEdit, LocalReply
 from proxy.regex import Match, Regex, compile_regex
+from proxy.sessions import PersistentSession
 
 # --------------------------------------------------------------------------- results
 
@@ -83,6 +87,8 @@ class RouteAction:
     timeout: float | None  # None: no timeout (Istio's default)
     retries: RetryPolicy | None  # None: retries disabled
     reply: LocalReply | None = field(default=None, compare=False, repr=False)
+    # The route's persistent session (Istio: the first destination service labelled for one).
+    persistent: PersistentSession | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +158,15 @@ class RouteDecision:
 
     @property
     def deterministic(self) -> bool:
-        """The same request gets the same decision (no weighted pick among destinations)."""
-        return len(self.entry.choice.actions) == 1
+        """The same request gets the same decision (no random pick among destinations)."""
+        choice = self.entry.choice
+        return len(choice.actions) == 1 or choice.by_hash
+
+    @property
+    def split(self) -> _Choice | None:
+        """A weighted split that the caller picks by the request's hash (sticky weights)."""
+        choice = self.entry.choice
+        return choice if choice.by_hash and len(choice.actions) > 1 else None
 
     @property
     def local_reply(self) -> LocalReply | None:
@@ -223,6 +236,15 @@ class _Choice:
     actions: tuple[RouteAction, ...]
     cumulative: tuple[int, ...]  # running weights, for weighted destinations
     total: int
+    by_hash: bool = False  # sticky weights: the caller picks with pick(hash)
+
+    def pick(self, value: int) -> RouteAction:
+        """Envoy's ``pickClusterIndex``: the destination whose interval holds value % total."""
+        point = value % self.total
+        for action, upto in zip(self.actions, self.cumulative, strict=True):
+            if point < upto:
+                return action
+        return self.actions[-1]
 
 
 class _Entry:
@@ -456,6 +478,22 @@ class _Builder:
         self.config = config
         self.port = port
         self.affinities: dict[tuple[HashPolicy, ...], Affinity] = {}
+        self.sessions: dict[SessionSpec, PersistentSession] = {}
+
+    def persistent(self, route: HttpRoute) -> PersistentSession | None:
+        """Istio's rule: the first destination whose service has a persistent session."""
+        for dest in route.route:
+            if dest.weight == 0 and len(route.route) > 1:
+                continue
+            d = dest.destination
+            port = destination_port(d, self.port, self.config.service_ports)
+            spec = self.config.clusters.get(cluster_name(d.host, port, d.subset))
+            if spec is not None and spec.session is not None:
+                found = self.sessions.get(spec.session)
+                if found is None:
+                    found = self.sessions[spec.session] = PersistentSession(spec.session)
+                return found
+        return None
 
     def affinity(self, policies: tuple[HashPolicy, ...]) -> Affinity | None:
         if not policies:
@@ -496,6 +534,7 @@ class _Builder:
         resp, _ = _ops(route_headers.response)
         authority = route.rewrite.authority if route.rewrite and route.rewrite.authority else None
         authority = authority or req_authority
+        persistent = self.persistent(route)
 
         def action(
             dest: RouteDestination | None,
@@ -527,6 +566,7 @@ class _Builder:
                 timeout=route.timeout,
                 retries=route.retries,
                 reply=_local_reply(route, response),
+                persistent=persistent if dest is not None else None,
             )
 
         if route.redirect is not None or route.direct_response is not None or not route.route:
@@ -561,7 +601,7 @@ class _Builder:
             actions.append(action(dest, req_ops, resp_ops, dauth or authority, policies))
             total += dest.weight
             cumulative.append(total)
-        return _Choice(tuple(actions), tuple(cumulative), total)
+        return _Choice(tuple(actions), tuple(cumulative), total, vs.sticky_weights)
 
 
 def _source_matches(match: HttpMatch, gateway: str) -> bool:
@@ -739,7 +779,7 @@ class Router:
     ) -> RouteDecision:
         choice = entry.choice
         action = choice.actions[0]
-        if len(choice.actions) > 1:
+        if len(choice.actions) > 1 and not choice.by_hash:
             point = min(int(self._rand() * choice.total), choice.total - 1)
             for candidate, upto in zip(choice.actions, choice.cumulative, strict=True):
                 if point < upto:

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from proxy.cluster import Cluster
-from proxy.config import DEFAULT_LB, ClusterSpec, Config
+from proxy.config import DEFAULT_LB, ClusterSpec, Config, StaticEndpoints
 from proxy.health import ClusterHealth
 from proxy.routing import Router
 from proxy.tls import TlsListener, UpstreamTls
@@ -57,6 +57,7 @@ class ClusterRuntime:
             ),
             panic_threshold=spec.panic_threshold,
             on_rebuild=metrics.rebuilt if metrics is not None else None,  # type: ignore[arg-type]
+            drain=spec.session.drain if spec.session is not None else 0.0,
         )
         self.stats: ClusterStats | None = metrics.cluster(spec) if metrics is not None else None
         self.health = ClusterHealth(spec, self.cluster)
@@ -80,6 +81,9 @@ class Runtime:
     clusters: Mapping[str, ClusterRuntime]
     server_routers: Mapping[str, Router] = field(default_factory=_no_server_routers)
     tls: Mapping[int, TlsListener] = field(default_factory=_no_tls)  # HTTPS port -> certificates
+    # Clusters kept from the previous runtime whose endpoint source changed: the server
+    # restarts their discovery (the endpoints that left may drain, the pools that stay stay).
+    rediscover: frozenset[str] = frozenset()
 
 
 class RuntimeRef:
@@ -111,10 +115,14 @@ def build_runtime(
             tls[listener.port] = TlsListener(listener.port, servers)
     old = previous.clusters if previous is not None else {}
     clusters: dict[str, ClusterRuntime] = {}
+    rediscover: list[str] = []
     for name, spec in config.clusters.items():
         kept = old.get(name)
         if kept is not None and _identity(kept.spec) == _identity(spec):
+            if kept.spec.endpoints != spec.endpoints:
+                rediscover.append(name)
             kept.spec = spec
+            kept.cluster.drain = spec.session.drain if spec.session is not None else 0.0
             clusters[name] = kept
         else:
             clusters[name] = ClusterRuntime(spec, metrics)
@@ -124,14 +132,22 @@ def build_runtime(
         MappingProxyType(clusters),
         MappingProxyType(server_routers),
         MappingProxyType(tls),
+        frozenset(rediscover),
     )
 
 
 def _identity(spec: ClusterSpec) -> tuple[object, ...]:
-    """What a cluster's pools, ring and discovery depend on: a reload that changes nothing else
-    (the hash policy, read from the route on every request; the file it came from) keeps the
-    running cluster with its warm connections."""
+    """What a cluster's pools, ring and health machinery depend on: a reload that changes
+    nothing else keeps the running cluster with its warm connections. Not in it: the hash policy
+    (read from the route on every request), the file it came from, the persistent session (read
+    from the route; its drain time is updated in place) and the endpoint source (the server
+    re-runs discovery on the kept cluster, so endpoints that stay keep their connections and
+    those that leave can drain)."""
     lb = spec.lb
     ch = lb.consistent_hash
-    ring = (ch.algorithm, ch.minimum_ring_size, ch.maximum_ring_size, ch.table_size) if ch else ()
-    return (replace(spec, lb=DEFAULT_LB, source=""), lb.simple, ring)
+    ring: tuple[object, ...] = ()
+    if ch is not None:
+        ring = (ch.algorithm, ch.minimum_ring_size, ch.maximum_ring_size, ch.table_size)
+        ring += (ch.hash_balance_factor,)
+    bare = replace(spec, lb=DEFAULT_LB, source="", session=None, endpoints=StaticEndpoints(()))
+    return (bare, lb.simple, ring)

@@ -44,6 +44,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TextIO
@@ -131,6 +132,7 @@ class Proxy:
         self._hurry = asyncio.Event()  # cut the drain time short (SIGINT, second signal)
         self._signals = False
         self._cold_logged = False
+        self._drain_timers: dict[ClusterRuntime, asyncio.TimerHandle] = {}
 
     @property
     def addresses(self) -> list[Address]:
@@ -222,7 +224,27 @@ class Proxy:
         )
         for pool in removed:
             self._tasks.append(asyncio.create_task(pool.close()))
+        self._schedule_drain(crt)
         self._check_warm()
+
+    def _schedule_drain(self, crt: ClusterRuntime) -> None:
+        """Wake up when the cluster's next drain window ends (``proxy.cluster``: draining)."""
+        deadline = crt.cluster.next_drain_deadline
+        old = self._drain_timers.pop(crt, None)
+        if old is not None:
+            old.cancel()
+        if deadline is None:
+            return
+        delay = max(0.0, deadline - time.monotonic()) + 0.001
+        loop = asyncio.get_running_loop()
+        self._drain_timers[crt] = loop.call_later(delay, self._drain_over, crt)
+
+    def _drain_over(self, crt: ClusterRuntime) -> None:
+        self._drain_timers.pop(crt, None)
+        for pool in crt.cluster.expire_draining():
+            log.info("cluster %s: %s drained", crt.spec.name, pool.key)
+            self._tasks.append(asyncio.create_task(pool.close()))
+        self._schedule_drain(crt)
 
     def _check_warm(self) -> None:
         """Envoy's cluster warming: not ready until every cluster has had an endpoint.
@@ -360,6 +382,13 @@ class Proxy:
             added = [
                 crt for name, crt in runtime.clusters.items() if old.clusters.get(name) is not crt
             ]
+            new = len(added)
+            for name in runtime.rediscover:  # kept clusters whose endpoint source changed
+                kept = runtime.clusters[name]
+                for task in kept.tasks:
+                    task.cancel()
+                kept.tasks.clear()
+                added.append(kept)
             await self._start_discovery(added)  # the first request on a new cluster finds endpoints
             self.ref.current = runtime  # the swap: requests from here on see the new config
             self._check_warm()
@@ -370,7 +399,7 @@ class Proxy:
                 self._retire(crt, still_named=crt.spec.name in runtime.clusters)
             self._reloaded(
                 ok=True,
-                detail=f"{len(runtime.clusters)} cluster(s), {len(added)} new, {len(gone)} retired",
+                detail=f"{len(runtime.clusters)} cluster(s), {new} new, {len(gone)} retired",
             )
             return True
 
@@ -473,6 +502,9 @@ class Proxy:
                 "%d connections still busy after %.1fs: closing them", len(self.connections), grace
             )
             self.connections.abort()
+        for timer in self._drain_timers.values():
+            timer.cancel()
+        self._drain_timers.clear()
         tasks = [*self._tasks, *(t for crt in self.runtime.clusters.values() for t in crt.tasks)]
         for task in tasks:
             task.cancel()

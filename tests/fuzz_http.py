@@ -700,7 +700,8 @@ def requests(draw: st.DrawFn, known: frozenset[str], first: bool, last: bool) ->
     elif conn_kind == "other-upgrade":  # a protocol the listener does not allow: 403
         protocol = draw(_pick(b"foo", b"TLS/1.0", b"HTTP/2.0", b"websocket, h2c"))
         headers += [b"Connection: upgrade", b"Upgrade: " + protocol]
-        verdicts.append("reject")
+        if version != b"HTTP/1.0":  # RFC 9110 §7.8: HTTP/1.0's Upgrade is ignored
+            verdicts.append("reject")
     elif conn_kind == "bare-upgrade":  # no "Connection: upgrade": just a (hop-by-hop) header
         headers.append(b"Upgrade: " + draw(_pick(b"websocket", b"h2c", b"foo")))
     why.append(f"conn:{conn_kind}")

@@ -122,3 +122,75 @@ def test_next_distinct_skips_entries_of_the_failed_host() -> None:
     second = next_distinct(balancer, h, first, 1)
     third = next_distinct(balancer, h, first, 2)
     assert len({first, second, third}) == 3
+
+
+# --------------------------------------------------------------------------- draining
+
+
+def draining_cluster(drain: float) -> Cluster[str]:
+    cluster: Cluster[str] = Cluster("c", RING, lambda ep: f"pool-{ep.port}", drain=drain)
+    cluster.set_endpoints(eps(9001, 9002, 9003), now=100.0)
+    return cluster
+
+
+def test_without_drain_a_removed_endpoint_is_gone_at_once() -> None:
+    cluster = draining_cluster(0.0)
+    assert cluster.set_endpoints(eps(9002, 9003), now=101.0) == ["pool-9001"]
+    assert "127.0.0.1:9001" not in cluster.snapshot.targets
+    assert cluster.next_drain_deadline is None
+
+
+def test_a_removed_endpoint_drains_its_sessions_then_leaves() -> None:
+    cluster = draining_cluster(30.0)
+    assert cluster.set_endpoints(eps(9002, 9003), now=101.0) == []
+    snap = cluster.snapshot
+    assert snap.balancer is not None and "127.0.0.1:9001" not in snap.balancer.hosts
+    assert "127.0.0.1:9001" not in snap.pools  # no new session goes there
+    assert snap.targets["127.0.0.1:9001"] == "pool-9001"  # its sessions still do
+    assert snap.draining == {"127.0.0.1:9001": 131.0}
+    assert cluster.next_drain_deadline == 131.0
+    assert cluster.expire_draining(now=130.9) == []
+    assert cluster.expire_draining(now=131.0) == ["pool-9001"]
+    assert "127.0.0.1:9001" not in cluster.snapshot.targets
+    assert cluster.next_drain_deadline is None
+    assert cluster.pools() == ["pool-9002", "pool-9003"]
+
+
+def test_a_connect_failure_ends_the_drain_window_at_once() -> None:
+    cluster = draining_cluster(30.0)
+    cluster.set_endpoints(eps(9002, 9003), now=101.0)
+    assert cluster.end_drain("127.0.0.1:9001") is True
+    assert cluster.end_drain("127.0.0.1:9001") is False
+    assert "127.0.0.1:9001" not in cluster.snapshot.targets
+    assert "pool-9001" in cluster.pools()  # closed when the timer hands it back
+    assert cluster.expire_draining(now=102.0) == ["pool-9001"]
+
+
+def test_an_endpoint_that_comes_back_keeps_its_pool() -> None:
+    cluster = draining_cluster(30.0)
+    cluster.set_endpoints(eps(9002, 9003), now=101.0)
+    cluster.set_endpoints(eps(9001, 9002, 9003), now=102.0)
+    assert cluster.snapshot.pools["127.0.0.1:9001"] == "pool-9001"
+    assert cluster.snapshot.draining == {}
+    assert cluster.expire_draining(now=200.0) == []
+
+
+def test_unhealthy_endpoints_are_no_session_targets() -> None:
+    cluster = draining_cluster(0.0)
+    cluster.set_unhealthy({"127.0.0.1:9002"})
+    assert set(cluster.snapshot.targets) == {"127.0.0.1:9001", "127.0.0.1:9003"}
+
+
+def test_bounded_load_is_built_with_the_balancer() -> None:
+    bounded_lb = LoadBalancerSettings(
+        simple=None,
+        consistent_hash=ConsistentHashLB(
+            policy=CookiePolicy("ISTIOID", ttl=60), hash_balance_factor=150
+        ),
+    )
+    cluster: Cluster[str] = Cluster("c", bounded_lb, lambda ep: f"pool-{ep.port}")
+    cluster.set_endpoints(eps(9001, 9002))
+    bounded = cluster.snapshot.bounded
+    assert bounded is not None and bounded.factor == 150
+    assert bounded.balancer is cluster.snapshot.balancer
+    assert draining_cluster(0.0).snapshot.bounded is None

@@ -93,3 +93,117 @@ def test_argument_pairs_and_addresses() -> None:
     assert address_of("[::1]:8080") == ("::1", 8080)
     assert address_of("10.0.0.1:80") == ("10.0.0.1", 80)
     assert address_of("10.0.0.1") is None and address_of(":80") is None
+
+
+# ---------------------------------------------------------------- sessions that survive change
+
+SESSION_YAML = """apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, annotations: {sticky-proxy/sticky-weights: 'true'}}
+spec:
+  hosts: [app.test]
+  gateways: [gw]
+  http:
+  - match: [{uri: {prefix: /canary}}]
+    route:
+    - {destination: {host: app.local, subset: v1, port: {number: 80}}, weight: 50}
+    - {destination: {host: app.local, subset: v2, port: {number: 80}}, weight: 50}
+  - route: [{destination: {host: app.local, port: {number: 80}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dr, annotations: {sticky-proxy/hash-balance-factor: '125'}}
+spec:
+  host: app.local
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+  subsets: [{name: v1, labels: {v: '1'}}, {name: v2, labels: {v: '2'}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: app
+  labels: {istio.io/persistent-session: sticky}
+spec:
+  hosts: [app.local]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints:
+  - {address: 127.0.0.1, ports: {http: 9001}, labels: {v: '1'}}
+  - {address: 127.0.0.1, ports: {http: 9002}, labels: {v: '2'}}
+"""
+APP = "outbound|80||app.local"
+
+
+def sessions() -> tuple[Config, Router]:
+    from proxy.istio import load_text
+
+    config = load_text(SESSION_YAML, "s.yaml")
+    return config, Router(config, 80)
+
+
+def test_a_session_cookie_is_decoded_and_its_pod_named() -> None:
+    from proxy.sessions import encode_value
+
+    config, router = sessions()
+    cookie = encode_value("127.0.0.1:9002", 0, cookie=True, key=None)
+    ex = explain(config, router, Probe("app.test", "/", cookies=(("sticky", cookie),)))
+    lines = dict(ex.as_lines())
+    assert lines["session"].startswith("cookie sticky, path /, no expiry, non-strict")
+    assert lines["session value"] == "names a pod: 127.0.0.1:9002"
+    assert lines["session pod"] == "127.0.0.1:9002 (healthy): the request goes there"
+    assert lines["endpoint"] == ex.endpoint == "127.0.0.1:9002"
+    _, answer = ex.as_json()
+    assert answer["persistent_session"]["routed"] is True and answer["endpoint"] == ex.endpoint
+    # A pod that is not in the cluster: the balancer picks, and the response names its pick.
+    gone = encode_value("10.9.9.9:80", 0, cookie=True, key=None)
+    ex = explain(
+        config,
+        router,
+        Probe("app.test", "/", headers=(("x-user", "u1"),), cookies=(("sticky", gone),)),
+    )
+    lines = dict(ex.as_lines())
+    assert lines["session pod"] == "10.9.9.9:80 (gone): the balancer picks again"
+    assert ex.endpoint in ("127.0.0.1:9001", "127.0.0.1:9002")
+    value = encode_value(ex.endpoint, 0, cookie=True, key=None)
+    assert lines["session cookie"] == f'sticky="{value}"; Path=/; HttpOnly'
+    assert lines["bounded load"].endswith(
+        "has room at zero load (the CLI sees no traffic) (0 of 0 in flight)"
+    )
+
+
+def test_bounded_load_spills_in_the_live_view() -> None:
+    config, router = sessions()
+    spec = config.clusters[APP]
+    base = configured_cluster(spec)
+    probe = Probe("app.test", "/", headers=(("x-user", "u1"),))
+    hashed = explain(config, router, probe).endpoint
+    assert hashed is not None
+    other = next(key for key in ENDPOINTS[:2] if key != hashed)
+    busy = ClusterView(
+        spec, base.endpoints, base.balancer, bounded=base.bounded, load={hashed: 10, other: 0}
+    )
+    ex = explain(config, router, probe, lambda name: busy)
+    assert ex.endpoint == other
+    assert ex.bounded is not None and f"{hashed} is full now (10 in flight" in ex.bounded
+    assert ex.as_json()[1]["bounded_load"] == ex.bounded
+
+
+def test_a_sticky_split_is_picked_by_hash() -> None:
+    config, router = sessions()
+    probe = Probe("app.test", "/canary", headers=(("x-user", "u7"),))
+    ex = explain(config, router, probe)
+    # The split folds both destinations' policies into one key (Istio), hashed as Envoy does.
+    assert ex.hash is not None and ex.hash != xxh64("u7")
+    point = ex.hash % 100
+    subset = "v1" if point < 50 else "v2"
+    assert ex.decision is not None and ex.decision.cluster == f"outbound|80|{subset}|app.local"
+    lines = dict(ex.as_lines())
+    assert lines["weighted pick"] == (
+        f"by hash: {point} of 100 -> outbound|80|{subset}|app.local (v1 50, v2 50)"
+    )

@@ -325,6 +325,81 @@ def test_stickiness_rules() -> None:
     assert got["line"] == "sticky: users=0 sessions=5 violations=5 rehomed=2 pods=3 max/mean=2.40"
 
 
+def load_stickiness(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``loadtest/stickiness.py`` (no locust in it, so it loads in this process)."""
+    path = ROOT / "loadtest" / "stickiness.py"
+    spec = importlib.util.spec_from_file_location("loadtest_stickiness", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_membership_changes_move_sessions_and_count_broken_lives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    st = load_stickiness(monkeypatch)
+    log = st.OutageLog()
+    log.changes = (
+        st.Change("scale-up", 100.0, "3 -> 5 pods", 101.0),
+        st.Change("restart", 200.0, "x", 201.0),
+    )
+    t = st.Tracker(log)
+    t.started_at = 0.0
+    a = t.open("sticky", "a")  # moved by the scale-up: counted, not a violation
+    assert t.served(a, "pod-1", 90, 91) is None
+    t.lived(1, "pod-1", 91)
+    assert t.served(a, "pod-1", 100.5, 102) is None  # started before the change was done
+    t.lived(1, "pod-1", 102)
+    assert t.served(a, "pod-4", 105, 106) is None
+    t.lived(1, "pod-4", 106)
+    assert t.served(a, "pod-4", 150, 151) is None
+    t.lived(1, "pod-4", 151)
+    moved = t.served(a, "pod-2", 160, 161)  # no change since its last request: a violation
+    assert moved == "sticky violation: sticky session a of pod-4 served by pod-2"
+    t.lived(1, "pod-2", 161)
+    # life 2 keeps its pod through the scale-up, is broken by the restart (its key changed:
+    # a persistent cookie re-issued; the life is the same)
+    for end, pod in ((95, "pod-3"), (120, "pod-3"), (210, "pod-5"), (220, "pod-5")):
+        t.lived(2, pod, end)
+    t.lived(3, "pod-1", 130)  # born after the scale-up, ended before the restart: never alive
+    t.lived(3, "pod-1", 140)
+    summary = t.summary()
+    assert summary["moved_by_change"] == 1
+    assert summary["sticky_violations"] == 1
+    assert summary["changes"] == [
+        {"kind": "scale-up", "label": "3 -> 5 pods", "at": 100.0, "sessions_alive": 2,
+         "sessions_broken": 1},
+        {"kind": "restart", "label": "x", "at": 200.0, "sessions_alive": 1,
+         "sessions_broken": 1},
+    ]  # fmt: skip
+
+
+@needs_locust
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_scale_and_rolling_restart_report_sessions_broken_per_event(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.json"
+    status, out, err = run_py(
+        "--users", "20", "--spawn-rate", "20", "--duration", "24s", "--no-visitors",
+        "--scale", "2,3", "--rolling-restart", "--grace", "1s",
+        "--persistent", "--session-drain", "1s", "--json", str(summary),
+        timeout=110,
+    )  # fmt: skip
+    assert status == 0, f"{out}\n{err[-3000:]}"
+    data = json.loads(summary.read_text())
+    kinds = [change["kind"] for change in data["changes"]]
+    assert kinds == ["scale-up", "restart", "restart", "restart"]
+    scale_up = data["changes"][0]
+    assert scale_up["sessions_alive"] > 0
+    assert scale_up["sessions_broken"] == 0  # persistent sessions: adding a pod moves none
+    assert data["failed"] == 0
+    assert data["violations"] == 0
+    assert "sessions broken per event: scale-up 0/" in out
+    assert "change: restart pod-1 -> pod-4 at" in out
+
+
 # --------------------------------------------------------------------------- run.py arguments
 
 
@@ -346,6 +421,12 @@ def test_durations_and_argument_checks(
         ["--kill-pod-at", "90s", "--duration", "60s"],
         ["--kill-pod-at", "5s", "--kill-pod", "4"],
         ["--users", "0"],
+        ["--scale", "3"],
+        ["--scale", "3,0"],
+        ["--session-drain", "5s"],
+        ["--scale", "3,5,2", "--duration", "10s"],
+        ["--rolling-restart", "--target", "http://127.0.0.1:1"],
+        ["--scale", "3,5", "--kill-pod-at", "5s"],
     ]
     for argv in bad:
         with pytest.raises(SystemExit) as exc:

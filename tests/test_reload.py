@@ -106,13 +106,17 @@ async def test_watch_follows_the_files_and_keeps_unchanged_clusters(
             await eventually(lambda: proxy.runtime is not before)
             assert await cookie_name(session, url) == "WATCHED"
             assert next(iter(proxy.runtime.clusters.values())) is cluster
-            # A new endpoint set is a new cluster spec: a new cluster, the old one retired.
+            # A new endpoint set keeps the cluster (and the pools of the endpoints that stay);
+            # discovery runs again on it, so the endpoint that left is gone from the balancer.
             current = proxy.runtime
+            kept_pool = cluster.cluster.snapshot.pools["{}:{}".format(*pods.addresses[0])]
             config.write_text(article_yaml(pods.addresses[:2], "WATCHED"))
             await eventually(lambda: proxy.runtime is not current)
             (replaced,) = proxy.runtime.clusters.values()
-            assert replaced is not cluster
-            assert len(replaced.cluster.snapshot.endpoints) == 2
+            assert replaced is cluster
+            snapshot = replaced.cluster.snapshot
+            assert len(snapshot.endpoints) == 2
+            assert snapshot.pools["{}:{}".format(*pods.addresses[0])] is kept_pool
             seen = set()
             for i in range(30):
                 headers = {"Host": "test.com", "Cookie": f"WATCHED=s{i}"}
