@@ -110,12 +110,7 @@ class ParsedVirtualService:
 
 
 def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualService | None:
-    s = r.mapping(
-        spec,
-        "spec",
-        ("hosts", "gateways", "http", "exportTo"),
-        {"tls": f"TLS routes are {NOT_SUPPORTED}", "tcp": f"TCP routes are {NOT_SUPPORTED}"},
-    )
+    s = r.mapping(spec, "spec", ("hosts", "gateways", "http", "tcp", "tls", "exportTo"))
     if s is None:
         return None
     gateways = [
@@ -127,7 +122,8 @@ def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualSe
     mesh_only = not gateways or all(g == MESH_GATEWAY for _, g in gateways)
     hosts: list[str] = []
     raw_hosts = r.string_list(s, "hosts", "spec", required=True)
-    for p, host in raw_hosts:
+    for p, raw_host in raw_hosts:
+        host = raw_host.lower()  # Istio lowers VirtualService hosts (route.go, gateway.go)
         problem = None if host == "*" or is_ip(host) else wildcard_domain_problem(host)
         if problem is not None:
             r.error(p, problem)
@@ -149,9 +145,28 @@ def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualSe
         route = _http_route(r, meta, index, path, item)
         if route is not None:
             routes.append(route)
-    if s.get("http") is None and s.get("tls") is None and s.get("tcp") is None:
+    if not s.get("http") and not s.get("tls") and not s.get("tcp"):
+        # Istio's validation rejects only a VirtualService with no route of any kind.
         r.error("spec", "http, tcp or tls must be provided in virtual service")
+    elif not _served_routes(r, s):
+        return None
     return ParsedVirtualService(meta, r, hosts, gateways, routes)
+
+
+def _served_routes(r: Reader, s: Mapping[str, object]) -> bool:
+    """Warn once about the TCP and TLS routes; False when the VirtualService has nothing else."""
+    kinds = [kind for kind in ("tcp", "tls") if s.get(kind)]
+    if s.get("http"):
+        for kind in kinds:
+            r.warn(join_path("spec", kind), f"ignored: {kind.upper()} routes are {NOT_SUPPORTED}")
+        return True
+    names = " and ".join(kind.upper() for kind in kinds)
+    r.warn(
+        "spec",
+        f"{names} routes only ({', '.join(f'spec.{k}' for k in kinds)}), which sticky-proxy "
+        "does not serve (HTTP routes only): VirtualService skipped",
+    )
+    return False
 
 
 def _http_route(r: Reader, meta: Meta, index: int, path: str, item: object) -> RawRoute | None:
@@ -250,6 +265,7 @@ def _destination(r: Reader, meta: Meta, path: str, m: Mapping[str, object]) -> D
     port = r.port(port_obj, "number", join_path(dpath, "port"), required=True) if port_obj else None
     if host is None:
         return None
+    host = host.lower()  # DNS names compare case-insensitively, as VirtualService hosts do
     if host == "*":
         r.error(join_path(dpath, "host"), "invalid destination host *")
         return None
