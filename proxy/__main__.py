@@ -388,10 +388,12 @@ def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
             listen = (("0.0.0.0", opts.port),)
     else:
         loaded = _load(args.paths, args.credentials)
-        if loaded is None:
+        if loaded is None or _serves_nothing(loaded):
             return EXIT_CONFIG
         config = loaded
     _setup_logging(args.log_level)
+    if args.paths and args.worker is None:
+        _log_served(config)
     try:
         admin = _port(args.admin_port, "--admin-port")
         readiness = _port(args.readiness_port, "--readiness-port")
@@ -492,11 +494,36 @@ def _load(paths: Sequence[str], credentials: str | None = None) -> Config | None
     return config
 
 
+def _serves_nothing(config: Config) -> bool:
+    """True (and why printed) when the config gives no request to serve: a mistake to report,
+    not a proxy to start that answers nothing."""
+    from proxy.served import nothing_served, unserved_lines
+
+    why = nothing_served(config)
+    if why is None:
+        return False
+    print(f"nothing to serve: {why}", file=sys.stderr)
+    for line in unserved_lines(config):
+        print(f"not served: {line}", file=sys.stderr)
+    return True
+
+
+def _log_served(config: Config) -> None:
+    from proxy.served import served_lines, unserved_lines
+
+    log = logging.getLogger("proxy.served")
+    for line in served_lines(config):
+        log.info("serves: %s", line)
+    for line in unserved_lines(config):
+        log.info("not served: %s", line)
+
+
 def _check(paths: Sequence[str], credentials: str | None = None) -> int:
     from proxy.istio_tls import tls_lint
+    from proxy.served import served_lines, unserved_lines
 
     config = _load(paths, credentials)
-    if config is None:
+    if config is None or _serves_nothing(config):
         return EXIT_CONFIG
     for line in tls_lint(config):
         print(f"warning: {line}", file=sys.stderr)
@@ -505,6 +532,10 @@ def _check(paths: Sequence[str], credentials: str | None = None) -> int:
         f"ok: {len(config.sources)} file(s), listeners on port(s) {ports}, "
         f"{len(config.virtual_services)} VirtualService(s), {len(config.clusters)} cluster(s)"
     )
+    for line in served_lines(config):
+        print(f"serves: {line}")
+    for line in unserved_lines(config):
+        print(f"not served: {line}")
     return EXIT_OK
 
 
@@ -532,7 +563,7 @@ def _route(args: argparse.Namespace) -> int:
     from proxy.routing import Router
 
     config = _load(args.paths, args.credentials)
-    if config is None:
+    if config is None or _serves_nothing(config):
         return EXIT_CONFIG
     headers = _pairs(args.header, ":", "--header")
     cookies = _pairs(args.cookie, "=", "--cookie")

@@ -4,7 +4,9 @@ Theory
 ------
 It runs once every document has been parsed, so a reference may name a resource read later: it
 checks the Gateways named by VirtualServices and their matches and the subsets named by
-destinations, and reports a host claimed by two ServiceEntries (the first keeps it).  Listeners: one
+destinations (a subset no DestinationRule defines is a warning: Istio accepts it and answers 503;
+a mesh-only VirtualService, not used here, is not checked), and reports a host claimed by two
+ServiceEntries (the first keeps it).  Listeners: one
 per port, the servers of every Gateway on that port together (they must agree on the bind address).
 Clusters: one per destination reachable through a listener, and per port (and subset) of every
 ServiceEntry host.

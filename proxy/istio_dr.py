@@ -15,8 +15,10 @@ Theory
   outlierDetection, tls).  No DestinationRule, or no loadBalancer: LEAST_REQUEST.
 
 A ServiceEntry names hosts, ports (unique names and numbers) and, for ``resolution: STATIC``, IP
-endpoints or, for ``DNS``, names to resolve; NONE (original-destination passthrough) and
-DNS_ROUND_ROBIN are not supported.  How endpoints become a cluster's members is
+endpoints or, for ``DNS``, names to resolve.  One with resolution NONE (original-destination
+passthrough, the default), DNS_ROUND_ROBIN or a ``workloadSelector`` is skipped with a warning
+(its hosts then resolve by DNS like any host without one), so is a ``unix://`` endpoint.  Host
+names are lowercased.  How endpoints become a cluster's members is
 ``proxy.istio_compile``'s part.  The traffic policy of one level is parsed by
 ``proxy.istio_policy``.
 """

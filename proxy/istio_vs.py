@@ -15,6 +15,8 @@ conditions are ``proxy.istio_match``'s.  The rest of an entry follows Istio's va
 one of ``route``, ``redirect`` or ``directResponse``; redirect codes 301 (the default), 302, 303,
 307 or 308; ``headers`` set/add sorted by name; the authority set at most once (rewrite or header);
 ``retries.attempts: 0`` disables retries, and ``retryOn`` takes Envoy's conditions and status codes.
+Hosts are lowercased.  ``tcp`` and ``tls`` routes are not served: beside ``http`` routes they are
+ignored, alone they make the VirtualService skipped (one warning each way).
 """
 
 from __future__ import annotations

@@ -8,12 +8,15 @@ exactly one warning and the rest of the set still loads and serves.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from conftest import RawClient
-from proxy_process import gateway_yaml, service_yaml
+from proxy_process import ROOT, gateway_yaml, proxy_process, service_yaml
 
 from proxy.config import Config, ConfigError, Destination, DnsEndpoints, Endpoint, StaticEndpoints
 from proxy.demo import PodSet
@@ -496,3 +499,109 @@ async def test_a_gateway_route_to_an_undefined_subset_warns_and_answers_503(
     await client.send(b"GET /v9 HTTP/1.1\r\nHost: app.test\r\n\r\n")
     assert (await client.read_response()).status == 503
     assert await get(client, "app.test") == (200, "pod-1")
+
+
+# --------------------------------------------------------------------------- 5, 6. the CLI
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def write(tmp_path: Path, *docs: str) -> str:
+    path = tmp_path / "istio.yaml"
+    path.write_text("---\n".join(textwrap.dedent(d) for d in docs))
+    return str(path)
+
+
+QUIET = ("--admin-port", "off", "--readiness-port", "off", "--metrics-port", "off")
+
+
+@pytest.mark.parametrize(
+    ("docs", "why", "unserved"),
+    [
+        (
+            [TCP_ECHO],
+            "no Gateway has an HTTP or HTTPS server sticky-proxy can serve",
+            [
+                "Gateway default/tcp-echo-gateway server on port 31400 (TCP): HTTP and HTTPS "
+                "servers only"
+            ],
+        ),
+        (
+            [REVIEWS_V3],
+            "no Gateway has an HTTP or HTTPS server sticky-proxy can serve",
+            ["VirtualService default/reviews: bound to the mesh only"],
+        ),
+        (
+            [HTTP_GW, REVIEWS_V3],
+            "no VirtualService bound to a Gateway has a host of its HTTP or HTTPS servers",
+            [
+                "port 80 (HTTP): no VirtualService has a host of its servers, every request "
+                "gets 404",
+                "VirtualService default/reviews: bound to the mesh only",
+            ],
+        ),
+    ],
+    ids=["tcp-only", "mesh-only", "http-gateway-mesh-only"],
+)
+@pytest.mark.parametrize(
+    "command",
+    [("check",), ("run", "--listen", "127.0.0.1:0", *QUIET), ("route", "--host", "a.test")],
+    ids=["check", "run", "route"],
+)
+def test_a_config_that_serves_nothing_is_refused_with_exit_2_saying_why(
+    tmp_path: Path, docs: list[str], why: str, unserved: list[str], command: tuple[str, ...]
+) -> None:
+    path = write(tmp_path, *docs)
+    done = cli(command[0], path, *command[1:])
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("warning: ")]
+    assert lines == [f"nothing to serve: {why}", *(f"not served: {u}" for u in unserved)]
+    assert done.stdout == ""
+
+
+def test_check_prints_what_is_served_and_what_is_not(tmp_path: Path) -> None:
+    tcp_server = "  - port: {number: 31400, name: tcp, protocol: TCP}\n    hosts: ['*']\n"
+    other = HTTP_VS.replace("name: web", "name: api").replace("web.test", "api.test")
+    path = write(tmp_path, HTTP_GW + tcp_server, HTTP_VS, other, WEB_SE, REVIEWS_V3)
+    done = cli("check", path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "ok: 1 file(s), listeners on port(s) 80, 3 VirtualService(s), 1 cluster(s)",
+        "serves: port 80 (HTTP) host web.test -> default/web",
+        "serves: port 80 (HTTP) host api.test -> default/api",
+        "not served: Gateway default/gw server on port 31400 (TCP): HTTP and HTTPS servers only",
+        "not served: VirtualService default/reviews: bound to the mesh only",
+    ]
+
+
+async def test_run_logs_what_it_serves_before_listening(tmp_path: Path) -> None:
+    path = write(tmp_path, HTTP_GW, HTTP_VS, WEB_SE, REVIEWS_V3)
+    async with proxy_process(path, "--listen", "127.0.0.1:0", *QUIET) as proc:
+        await proc.port("")
+        served = [line.split("proxy.served: ", 1)[1] for line in proc.lines if "served: " in line]
+        assert served == [
+            "serves: port 80 (HTTP) host web.test -> default/web\n",
+            "not served: VirtualService default/reviews: bound to the mesh only\n",
+        ]
+
+
+def test_route_prints_each_warning_once(tmp_path: Path) -> None:
+    no_port = HTTP_VS.replace(", port: {number: 80}", "")
+    tcp = HTTP_VS.replace("name: web", "name: db").replace("http:", "tcp:")
+    path = write(tmp_path, HTTP_GW, no_port, tcp, GITHUB, REVIEWS_V3)
+    done = cli("route", path, "--host", "web.test")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 4
+    assert sorted(set(warnings)) == sorted(warnings)
+    assert done.stderr.splitlines() == warnings
+    assert "cluster:        outbound|80||web.local" in done.stdout.splitlines()
