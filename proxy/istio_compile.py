@@ -354,10 +354,11 @@ class Compiler:
                 )
             return
         if se is None and dest.port is None:
+            # One text for every listener, so it is printed once (no port number in it).
             r.warn(
                 join_path(dpath, "port"),
-                f"not set and host {dest.host} has no "
-                f"ServiceEntry: Istio's fallback, the listener port {listener_port}, is used",
+                f"not set and host {dest.host} has no ServiceEntry: Istio's fallback, the "
+                "Gateway port the request came in on, is used",
             )
         self._cluster(dest.host, port, dest.subset)
 

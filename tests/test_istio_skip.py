@@ -595,10 +595,13 @@ async def test_run_logs_what_it_serves_before_listening(tmp_path: Path) -> None:
 
 
 def test_route_prints_each_warning_once(tmp_path: Path) -> None:
+    # Two Gateway ports: the destination without a port makes a cluster per listener, and
+    # used to warn once per listener (the same line but for the port number).
+    two_ports = HTTP_GW + "  - port: {number: 8080, name: alt, protocol: HTTP}\n    hosts: ['*']\n"
     no_port = HTTP_VS.replace(", port: {number: 80}", "")
     tcp = HTTP_VS.replace("name: web", "name: db").replace("http:", "tcp:")
-    path = write(tmp_path, HTTP_GW, no_port, tcp, GITHUB, REVIEWS_V3)
-    done = cli("route", path, "--host", "web.test")
+    path = write(tmp_path, two_ports, no_port, tcp, GITHUB, REVIEWS_V3)
+    done = cli("route", path, "--host", "web.test", "--port", "80")
     assert done.returncode == 0, done.stderr
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 4
