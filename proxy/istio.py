@@ -22,6 +22,7 @@ clusters, and the result is assembled into a ``Config``:
   retries; its match conditions in ``proxy.istio_match``
 * ``proxy.istio_dr``      - DestinationRule (subsets, merging, which policy applies) and
   ServiceEntry; one level of a traffic policy in ``proxy.istio_policy``
+* ``proxy.istio_visibility`` - ``exportTo``: what the gateway's namespace (``namespace=``) sees
 * ``proxy.istio_compile`` - the cross-resource pass
 
 A ``kind: Secret`` (``apiVersion: v1``) is read too, for the certificates a Gateway's or a
@@ -68,6 +69,7 @@ from proxy.istio_reader import (
     type_name,
 )
 from proxy.istio_tls import SECRET_FIELDS, read_secret
+from proxy.istio_visibility import DEFAULT_GATEWAY_NAMESPACE, hide_unexported, read_export_to
 from proxy.istio_vs import read_virtual_service
 
 __all__ = [
@@ -227,6 +229,8 @@ def _read_document(issues: Issues, where: str, data: object, out: Parsed) -> Non
         r.error("metadata.name", f"duplicate {kind} {meta.key} (first defined in {previous})")
         return
     out.seen[(kind, meta.key)] = where
+    if kind != "Gateway":
+        out.exports[(kind, meta.key)] = read_export_to(r, meta, spec)
     if kind == "Gateway":
         gateway = read_gateway(r, meta, spec)
         if gateway is not None:
@@ -307,11 +311,16 @@ def _health_check(r: Reader, text: str | None) -> HealthCheckSpec | None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(paths: Sequence[str], credentials: str | None = None) -> Config:
+def load_config(
+    paths: Sequence[str],
+    credentials: str | None = None,
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE,
+) -> Config:
     """Load Istio YAML files or folders (multi-document) into a ``Config``.
 
     ``credentials`` is the ``--credentials`` folder, where a ``credentialName`` with no Secret
-    in the YAML is looked up. Raises ``ConfigError`` listing every error of every file.
+    in the YAML is looked up; ``namespace`` is the gateway's (``--namespace``), which sees only
+    what ``exportTo`` exports to it. Raises ``ConfigError`` listing every error of every file.
     Warnings are returned in ``Config.warnings``, not logged: the caller decides where they go.
     """
     issues = Issues()
@@ -322,10 +331,15 @@ def load_config(paths: Sequence[str], credentials: str | None = None) -> Config:
         for where, data in _documents(path, issues):
             order.append(where)
             _read_document(issues, where, data, parsed)
-    return compile_resources(parsed, issues, files, order, credentials)
+    return compile_resources(parsed, issues, files, order, credentials, namespace)
 
 
-def load_text(text: str, name: str = "<text>", credentials: str | None = None) -> Config:
+def load_text(
+    text: str,
+    name: str = "<text>",
+    credentials: str | None = None,
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE,
+) -> Config:
     """Compile Istio YAML given as a string; ``name`` stands for the file in messages."""
     issues = Issues()
     parsed = Parsed()
@@ -333,7 +347,7 @@ def load_text(text: str, name: str = "<text>", credentials: str | None = None) -
     for where, data in _parse_text(text, name, issues):
         order.append(where)
         _read_document(issues, where, data, parsed)
-    return compile_resources(parsed, issues, [name], order, credentials)
+    return compile_resources(parsed, issues, [name], order, credentials, namespace)
 
 
 def _grouped(lines: Iterable[str], order: Sequence[str]) -> list[str]:
@@ -357,8 +371,10 @@ def compile_resources(
     sources: Sequence[str],
     order: Sequence[str] = (),
     credentials: str | None = None,
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE,
 ) -> Config:
     """Cross-resource compilation; ``order`` lists the documents as read, for the messages."""
+    hide_unexported(parsed, namespace)
     compiler = Compiler(parsed, issues, credentials)
     virtual_services = compiler.virtual_services()
     listeners = compiler.listeners()

@@ -85,6 +85,9 @@ class Parsed:
     service_entries: list[ParsedServiceEntry] = field(default_factory=list)
     secrets: list[ParsedSecret] = field(default_factory=list)
     seen: dict[tuple[str, str], str] = field(default_factory=dict)
+    # (kind, namespace/name) -> spec.exportTo ("." resolved; empty: everywhere), for
+    # proxy.istio_visibility
+    exports: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
 
 
 class Compiler:
