@@ -22,6 +22,7 @@ clusters, and the result is assembled into a ``Config``:
   retries; its match conditions in ``proxy.istio_match``
 * ``proxy.istio_dr``      - DestinationRule (subsets, merging, which policy applies) and
   ServiceEntry; one level of a traffic policy in ``proxy.istio_policy``
+* ``proxy.istio_delegate`` - delegate VirtualServices merged into their parents' routes
 * ``proxy.istio_visibility`` - ``exportTo``: what the gateway's namespace (``namespace=``) sees
 * ``proxy.istio_compile`` - the cross-resource pass
 
@@ -49,6 +50,7 @@ import yaml
 
 from proxy.config import Config, ConfigError, HealthCheckSpec
 from proxy.istio_compile import Compiler, Parsed
+from proxy.istio_delegate import merge_delegates
 from proxy.istio_dr import read_destination_rule, read_service_entry
 from proxy.istio_gateway import read_gateway
 from proxy.istio_names import (
@@ -374,6 +376,7 @@ def compile_resources(
     namespace: str = DEFAULT_GATEWAY_NAMESPACE,
 ) -> Config:
     """Cross-resource compilation; ``order`` lists the documents as read, for the messages."""
+    merge_delegates(parsed)  # before visibility: a merged VirtualService is exported as its root
     hide_unexported(parsed, namespace)
     compiler = Compiler(parsed, issues, credentials)
     virtual_services = compiler.virtual_services()
