@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import textwrap
 
+import aiohttp
 import pytest
+from proxy_process import service_yaml
 
 from proxy.config import (
     Config,
@@ -16,10 +18,12 @@ from proxy.config import (
     Rewrite,
     StringMatch,
 )
+from proxy.demo import PodSet
 from proxy.explain import Probe, explain
 from proxy.istio import load_text
 from proxy.istio_delegate import merge_matches
 from proxy.routing import Router
+from proxy.server import Proxy, RunOptions
 
 
 def load(*docs: str, namespace: str = "istio-system") -> Config:
@@ -396,3 +400,49 @@ def test_delegates_are_validated_as_istio_does(docs: list[str], message: str) ->
     with pytest.raises(ConfigError) as exc:
         load(GATEWAY, *docs)
     assert list(exc.value.errors) == [message]
+
+
+# --------------------------------------------------------------------------- real requests
+
+
+@pytest.mark.timeout(60)
+async def test_real_requests_follow_the_delegate_and_not_the_hidden_service() -> None:
+    async with PodSet(2, names=["pod-v1", "pod-rest"]) as pods:
+        config = load(
+            GATEWAY.replace("{name: mygateway}", "{name: mygateway, namespace: istio-system}"),
+            root(
+                "- match: [{uri: {prefix: /app}}]\n  delegate: {name: child, namespace: team}",
+                hosts="[app.test]",
+            ).replace("[mygateway]", "[istio-system/mygateway]"),
+            child(
+                "- match: [{uri: {prefix: /app/v1}}]\n  route: [{destination: {host: v1.local}}]\n"
+                "- route: [{destination: {host: rest.local}}]",
+                namespace="team",
+            ),
+            root(
+                f"- {to('rest.local')}",
+                name="hidden",
+                hosts="[hidden.test]",
+                extra='\n  exportTo: ["."]',
+            ).replace("[mygateway]", "[istio-system/mygateway]"),
+            service_yaml("v1", pods.addresses[0]),
+            service_yaml("rest", pods.addresses[1]),
+        )
+        proxy = Proxy(config, RunOptions(listen=(("127.0.0.1", 0),), collect_metrics=False))
+        await proxy.start()
+        try:
+            host, port = proxy.addresses[0]
+            async with aiohttp.ClientSession() as session:
+
+                async def get(host_header: str, path: str) -> tuple[int, str | None]:
+                    url = f"http://{host}:{port}{path}"
+                    async with session.get(url, headers={"Host": host_header}) as resp:
+                        body = await resp.json() if resp.status == 200 else None
+                        return resp.status, body["pod"] if body else None
+
+                assert await get("app.test", "/app/v1/x") == (200, "pod-v1")
+                assert await get("app.test", "/app/other") == (200, "pod-rest")
+                assert await get("app.test", "/elsewhere") == (404, None)
+                assert await get("hidden.test", "/") == (404, None)
+        finally:
+            await proxy.stop(grace=5)
