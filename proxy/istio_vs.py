@@ -187,7 +187,7 @@ def _read_delegate(
     name = r.string(d, "name", here) or ""
     for key in ("redirect", "route"):
         # validateHTTPRouteConflict: a root route only delegates.
-        if m.get(key) is not None:
+        if m.get(key) is not None and not in_delegate:
             named = f" {m['name']}" if isinstance(m.get("name"), str) and m["name"] else ""
             r.error(path, f"root HTTP route{named} must not specify {key}")
     return f"{r.string(d, 'namespace', here) or meta.namespace}/{name}"
