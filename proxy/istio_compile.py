@@ -503,11 +503,15 @@ class Compiler:
         ports = se.ports if se else (svc.ports if svc and svc.ports else ())
         if not ports:
             ports = [ServicePort(port, "http", "HTTP", None)]
-        what = f"ServiceEntry {se.meta.key} has no endpoints" if se else "no ServiceEntry"
+        what = (
+            f"ServiceEntry {se.meta.key} of host {host} lists no endpoints"
+            if se
+            else f"host {host} has no ServiceEntry"
+        )
         placeholder = f"{host.split('.', 1)[0]}-{subset}"
         rule.reader.warn(
             "spec.subsets",
-            f"subset {subset} selects {_labels_text(selector)} but host {host} has {what}: "
+            f"subset {subset} selects {_labels_text(selector)} but {what}: "
             "DNS answers carry no labels, so this subset has no endpoints (503). A "
             "ServiceEntry naming the pods, each with its labels, fixes it (one per host: "
             f"list every subset's endpoints in it; replace {placeholder} with the names "
