@@ -9,23 +9,37 @@ Without such endpoints a label subset is empty, and ``check`` shows the ServiceE
 
 from __future__ import annotations
 
+import asyncio
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
 import textwrap
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp.resolver import ThreadedResolver
 
 from proxy.config import Config, DnsEndpoints, Endpoint, StaticEndpoints
 from proxy.demo import PodSet
 from proxy.discovery import EndpointWatcher
 from proxy.hashing import RingHash, xxh64
-from proxy.istio import load_text
+from proxy.istio import load_config, load_text
 from proxy.server import Proxy, RunOptions
 
 pytestmark = pytest.mark.timeout(60)
 
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config" / "compose-versions"
 REVIEWS = "reviews.default.svc.cluster.local"
 V1 = (("version", "v1"),)
 V2 = (("version", "v2"),)
@@ -266,3 +280,96 @@ def test_labelled_endpoints_that_match_no_subset_are_reported_once_per_subset() 
         "endpoint of ServiceEntry default/reviews carries these labels: the subset has no "
         "endpoints (503)"
     ]
+
+
+# --------------------------------------------------------------------------- the compose example
+
+
+def compose_services() -> dict[str, Any]:
+    services = yaml.safe_load((ROOT / "compose.versions.yaml").read_text())["services"]
+    assert isinstance(services, dict)
+    return services
+
+
+def test_compose_versions_example_references_hold() -> None:
+    services = compose_services()
+    proxy = services.pop("proxy")
+    assert proxy["volumes"] == ["./config/compose-versions:/etc/sticky-proxy:ro"]
+    assert sorted(proxy["depends_on"]) == sorted(services)
+    config = load_config([str(EXAMPLE)])
+    assert config.warnings == ()
+    for subset, pods in (("v1", ["pod-v1a", "pod-v1b"]), ("v2", ["pod-v2"])):
+        targets = config.clusters[f"outbound|9080|{subset}|{REVIEWS}"].endpoints.targets  # type: ignore[union-attr]
+        assert [t.address for t in targets] == pods  # each compose service, by its name
+        for target in targets:
+            command = services[target.address]["entrypoint"]
+            # The pod answers with its own name, on the port its endpoint is dialled at.
+            assert command[command.index("--name") + 1] == target.address
+            assert int(command[command.index("--port") + 1]) == target.port
+
+
+async def _unshare_available() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--mount", "true", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return await proc.wait() == 0
+
+
+async def test_compose_versions_example_runs_unchanged_with_real_processes(
+    tmp_path: Path,
+) -> None:
+    """The compose topology without a container runtime: the three pods on loopback addresses,
+    their compose names answered by /etc/hosts in the proxy's own mount namespace, and the
+    proxy run with compose's command line on config/compose-versions/ as it is."""
+    if not await _unshare_available():
+        pytest.skip("needs `unshare --mount` (root) to give the proxy its own /etc/hosts")
+    services = compose_services()
+    command = services.pop("proxy")["command"]
+    net = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}"
+    addresses = {name: f"{net}.{i}" for i, name in enumerate(services, start=2)}
+    hosts = tmp_path / "hosts"
+    hosts.write_text("".join(f"{ip} {name}\n" for name, ip in addresses.items()))
+    pods = [PodSet(1, host=ip, ports=[8080], names=[name]) for name, ip in addresses.items()]
+    for podset in pods:
+        await podset.__aenter__()
+    assert command[:2] == ["run", "/etc/sticky-proxy"]
+    run = [sys.executable, "-m", "proxy", "run", str(EXAMPLE), *command[2:]]
+    run += ["--admin-port", "off", "--metrics-port", "off", "--readiness-port", "off"]
+    run += ["--drain-time", "0s"]  # no load balancer to tell: stop at once
+    script = f"mount --bind {shlex.quote(str(hosts))} /etc/hosts && exec {shlex.join(run)}"
+    proc = await asyncio.create_subprocess_exec(
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        script,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "STICKY_PROXY_LISTEN": "127.0.0.1:0"},
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            while b"listening on" not in (line := await proc.stdout.readline()):
+                assert line, "the proxy exited"
+        url = f"http://127.0.0.1:{int(line.decode().rsplit(':', 1)[1])}/"
+        jar = aiohttp.DummyCookieJar()
+        async with aiohttp.ClientSession(cookie_jar=jar) as s:
+            jason = {"Host": "test.com", "end-user": "jason"}
+            assert {await pod_for(s, url, jason) for _ in range(10)} == {"pod-v2"}
+            spread: Counter[str] = Counter()
+            for i in range(40):
+                cookie = {"Host": "test.com", "Cookie": f"ISTIOID=user-{i}"}
+                answers = {await pod_for(s, url, cookie) for _ in range(3)}
+                assert len(answers) == 1  # sticky
+                spread[answers.pop()] += 1
+            assert set(spread) == {"pod-v1a", "pod-v1b"}  # version v1 only, both of its pods
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                await proc.wait()
+        for podset in pods:
+            await podset.close()
