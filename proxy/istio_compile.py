@@ -383,7 +383,7 @@ class Compiler:
                 f"port {port}{fallback} is not a port of Service {svc.meta.key} (ports: {ports})",
             )
             return
-        if se is None and svc is None and dest.port is None:
+        if se is None and (svc is None or not svc.ports) and dest.port is None:
             r.warn(
                 join_path(dpath, "port"),
                 f"not set and host {dest.host} has no "

@@ -252,3 +252,14 @@ def test_check_reads_a_service_and_prints_the_summary_once(tmp_path: Path) -> No
     assert done.stderr == (
         "warning: skipped 2 Kubernetes objects sticky-proxy does not read: Deployment x2\n"
     )
+
+
+def test_a_headless_service_without_ports_takes_the_listener_port_with_a_warning() -> None:
+    config = load(route_to(), service("{clusterIP: None}"))
+    assert config.clusters[f"outbound|8080||{REVIEWS}"].endpoints == DnsEndpoints(
+        (Endpoint(REVIEWS, 8080),)
+    )
+    assert config.warnings == (
+        "t.yaml[2]: VirtualService vs: spec.http[0].route[0].destination.port: not set and "
+        f"host {REVIEWS} has no ServiceEntry: Istio's fallback, the listener port 8080, is used",
+    )
