@@ -225,6 +225,27 @@ def test_a_label_subset_without_labelled_endpoints_is_empty_and_check_shows_the_
     ]
 
 
+def test_check_prints_each_empty_subset_once_with_its_service_entry(tmp_path: Path) -> None:
+    (tmp_path / "reviews.yaml").write_text(GATEWAY_AND_ROUTES)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr  # a warning, not an error: Istio accepts it
+    warnings = [w for w in done.stderr.split("warning: ") if "spec.subsets" in w]
+    assert [w.split(" selects")[0].rsplit(": ", 1)[1] for w in warnings] == [
+        "subset v2",
+        "subset v1",
+    ]
+    for version, warning in zip(("v2", "v1"), warnings, strict=True):
+        assert f"    - address: reviews-{version}\n" in warning
+        assert f"        version: {version}\n" in warning
+
+
 def test_the_fix_takes_the_ports_of_a_kubernetes_service() -> None:
     svc = (
         "---\napiVersion: v1\nkind: Service\nmetadata: {name: reviews}\n"
