@@ -1,4 +1,4 @@
-"""``exportTo``: which VirtualServices, DestinationRules and ServiceEntries the gateway sees.
+"""``exportTo``: the VirtualServices, DestinationRules, ServiceEntries, Services the gateway sees.
 
 Theory
 ------
@@ -7,7 +7,9 @@ sticky-proxy runs as an Istio gateway proxy does, in one namespace (``--namespac
 resource's ``exportTo`` lists namespaces: ``.`` is its own namespace, ``*`` every namespace,
 ``~`` none (ServiceEntry only), any other entry a namespace name; no ``exportTo`` at all means
 ``*`` (Istio's default while the mesh config sets no ``defaultExportTo``, which sticky-proxy does
-not read).  A resource not exported to the gateway's namespace is not used, with a warning.
+not read).  A Kubernetes Service says it with the ``networking.istio.io/exportTo`` annotation
+(comma-separated).  A resource not exported to the gateway's namespace is not used, with a
+warning; a hidden Service's host is then resolved as a plain DNS name.
 
 Visibility (pilot/pkg/model/push_context.go): ``initVirtualServices`` indexes a VirtualService
 by the namespaces of its ``exportTo`` (``.`` resolved to its own, see ``convertExportToSet``);
@@ -35,14 +37,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_GATEWAY_NAMESPACE",
+    "EXPORT_TO_ANNOTATION",
     "PUBLIC",
     "ExportTo",
     "hide_unexported",
     "read_export_to",
+    "service_export_to",
     "visible",
 ]
 
 DEFAULT_GATEWAY_NAMESPACE = "istio-system"
+EXPORT_TO_ANNOTATION = "networking.istio.io/exportTo"  # on a Kubernetes Service
 PUBLIC = "*"
 PRIVATE = "."
 NONE = "~"
@@ -114,6 +119,28 @@ def hide_unexported(parsed: Parsed, namespace: str) -> None:
     parsed.virtual_services = _exported(parsed.virtual_services, parsed.exports, namespace)
     parsed.destination_rules = _exported(parsed.destination_rules, parsed.exports, namespace)
     parsed.service_entries = _exported(parsed.service_entries, parsed.exports, namespace)
+    services = []
+    for svc in parsed.services:
+        if visible(service_export_to(svc.meta), namespace):
+            services.append(svc)
+        else:
+            svc.reader.warn(f"metadata.annotations.{EXPORT_TO_ANNOTATION}", _hidden(namespace))
+    parsed.services = services
+
+
+def service_export_to(meta: Meta) -> ExportTo:
+    """A Kubernetes Service's ``networking.istio.io/exportTo`` annotation, comma-separated, as
+    pilot/pkg/serviceregistry/kube/conversion.go reads it (no validation there)."""
+    text = meta.annotations.get(EXPORT_TO_ANNOTATION, "")
+    entries = (entry.strip() for entry in text.split(",")) if text else ()
+    return frozenset(meta.namespace if entry == PRIVATE else entry for entry in entries)
+
+
+def _hidden(namespace: str) -> str:
+    return (
+        f"not exported to namespace {namespace} (the gateway's, --namespace): "
+        "hidden by exportTo, so not used"
+    )
 
 
 def _exported(
@@ -125,9 +152,5 @@ def _exported(
         if visible(exports.get((meta.kind, meta.key), frozenset()), namespace):
             kept.append(item)
         else:
-            item.reader.warn(
-                "spec.exportTo",
-                f"not exported to namespace {namespace} (the gateway's, --namespace): "
-                "hidden by exportTo, so not used",
-            )
+            item.reader.warn("spec.exportTo", _hidden(namespace))
     return kept

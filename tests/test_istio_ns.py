@@ -272,3 +272,43 @@ def test_route_and_check_take_the_gateway_namespace(tmp_path: Path) -> None:
     bad = cli("check", str(path), "--namespace", "Not_A_Namespace")
     assert bad.returncode == 2
     assert "--namespace: 'Not_A_Namespace' is not a namespace name" in bad.stderr
+
+
+# --------------------------------------------------------------------------- Kubernetes Service
+
+
+def service(annotation: str) -> str:
+    return f"""
+apiVersion: v1
+kind: Service
+metadata:
+  name: productpage
+  namespace: bookinfo
+  annotations: {{networking.istio.io/exportTo: "{annotation}"}}
+spec:
+  clusterIP: None
+  ports: [{{port: 9080, targetPort: 8080, name: http}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("annotation", "seen"),
+    [("*", True), (".", False), ("istio-system", True), ("a, istio-system", True), ("a,b", False)],
+)
+def test_a_kubernetes_service_is_exported_by_its_annotation(annotation: str, seen: bool) -> None:
+    config = load(GATEWAY, vs(), service(annotation))
+    endpoints = config.clusters[CLUSTER].endpoints
+    # Seen: the headless Service's pods are dialled at targetPort; hidden: a plain DNS name.
+    port = 8080 if seen else 9080
+    assert endpoints == DnsEndpoints((Endpoint("productpage.bookinfo.svc.cluster.local", port),))
+    if not seen:
+        assert config.warnings == (
+            f"t.yaml[3]: Service productpage: metadata.annotations.networking.istio.io/exportTo: {HIDDEN}",
+        )
+
+
+def test_a_service_exported_to_dot_is_seen_from_its_namespace() -> None:
+    dot = load(GATEWAY, vs(), service("."), namespace="bookinfo")
+    assert dot.clusters[CLUSTER].endpoints == DnsEndpoints(
+        (Endpoint("productpage.bookinfo.svc.cluster.local", 8080),)
+    )
