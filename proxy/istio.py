@@ -22,15 +22,19 @@ clusters, and the result is assembled into a ``Config``:
   retries; its match conditions in ``proxy.istio_match``
 * ``proxy.istio_dr``      - DestinationRule (subsets, merging, which policy applies) and
   ServiceEntry; one level of a traffic policy in ``proxy.istio_policy``
+* ``proxy.istio_delegate`` - delegate VirtualServices merged into their parents' routes
+* ``proxy.istio_visibility`` - ``exportTo``: what the gateway's namespace (``namespace=``) sees
 * ``proxy.istio_compile`` - the cross-resource pass
 
 A ``kind: Secret`` (``apiVersion: v1``) is read too, for the certificates a Gateway's or a
 DestinationRule's ``credentialName`` names (``proxy.istio_tls``); ``--credentials DIR`` is where
-they are looked up next (``load_config(..., credentials=DIR)``).
+they are looked up next (``load_config(..., credentials=DIR)``).  A ``kind: Service`` (``v1``) gives
+its host ports, the address dialled and session labels (``proxy.istio_service``).  Other kinds
+(a helm chart's Deployments, Istio's Sidecars...) are skipped, summed up in one warning line.
 
 Strictness: unknown fields, wrong types, bad durations (Go ``time.ParseDuration`` syntax: Istio
 decodes specs with the legacy ``golang/protobuf/jsonpb``, whose Duration parser it is), missing
-required fields, non-prime Maglev sizes and references to missing gateways or subsets are errors
+required fields, non-prime Maglev sizes and references to missing gateways are errors
 naming the file, resource and YAML path. Istio fields that sticky-proxy does not act on (fault,
 mirror, corsPolicy, tls origination, ...) are accepted with a warning. Ordering: resources apply in
 the order they are read (files in the order given, a folder's ``*.yaml``/``*.yml`` by name,
@@ -41,6 +45,7 @@ creation-time order.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from types import MappingProxyType
 
@@ -48,6 +53,7 @@ import yaml
 
 from proxy.config import Config, ConfigError, HealthCheckSpec
 from proxy.istio_compile import Compiler, Parsed
+from proxy.istio_delegate import merge_delegates
 from proxy.istio_dr import read_destination_rule, read_service_entry
 from proxy.istio_gateway import read_gateway
 from proxy.istio_names import (
@@ -67,7 +73,9 @@ from proxy.istio_reader import (
     parse_health_check,
     type_name,
 )
+from proxy.istio_service import SERVICE_FIELDS, read_service
 from proxy.istio_tls import SECRET_FIELDS, read_secret
+from proxy.istio_visibility import DEFAULT_GATEWAY_NAMESPACE, hide_unexported, read_export_to
 from proxy.istio_vs import read_virtual_service
 
 __all__ = [
@@ -194,14 +202,15 @@ def _read_document(issues: Issues, where: str, data: object, out: Parsed) -> Non
     if kind == "Secret" and api == "v1":
         _read_secret(issues, where, data, name, out)
         return
+    if kind == "Service" and api == "v1":
+        _read_service(issues, where, data, name, out)
+        return
     group, _, version = api.partition("/") if isinstance(api, str) else ("", "", "")
     if kind not in KINDS or (group and group != API_GROUP):
-        label = f"{kind} {name}".strip()
+        # Counted, then summed up in one line per load (_skipped_summary): a helm chart's
+        # Deployments and ServiceAccounts are expected here, not worth a warning each.
         group_note = f" ({api})" if isinstance(api, str) and kind in KINDS else ""
-        issues.warnings.append(
-            f"{where}: skipped {label}{group_note}: sticky-proxy reads only "
-            f"{API_GROUP} Gateway, VirtualService, DestinationRule and ServiceEntry"
-        )
+        out.skipped.append((f"{kind}{group_note}", group.endswith(".istio.io")))
         return
     r = Reader(issues, where, f"{kind} {name}" if name else kind)
     top = r.mapping(data, "", ("apiVersion", "kind", "metadata", "spec", "status"))
@@ -227,6 +236,8 @@ def _read_document(issues: Issues, where: str, data: object, out: Parsed) -> Non
         r.error("metadata.name", f"duplicate {kind} {meta.key} (first defined in {previous})")
         return
     out.seen[(kind, meta.key)] = where
+    if kind != "Gateway":
+        out.exports[(kind, meta.key)] = read_export_to(r, meta, spec)
     if kind == "Gateway":
         gateway = read_gateway(r, meta, spec)
         if gateway is not None:
@@ -264,6 +275,46 @@ def _read_secret(
     secret = read_secret(r, meta, top)
     if secret is not None:
         out.secrets.append(secret)
+
+
+def _read_service(
+    issues: Issues, where: str, data: dict[object, object], name: str, out: Parsed
+) -> None:
+    """A Kubernetes Service: its host's ports, address and labels (``proxy.istio_service``)."""
+    r = Reader(issues, where, f"Service {name}" if name else "Service")
+    top = r.mapping(data, "", SERVICE_FIELDS)
+    if top is None:
+        return
+    meta = _metadata(r, "Service", top.get("metadata"))
+    if meta is None:
+        return
+    previous = out.seen.get(("Service", meta.key))
+    if previous is not None:
+        r.error("metadata.name", f"duplicate Service {meta.key} (first defined in {previous})")
+        return
+    out.seen[("Service", meta.key)] = where
+    service = read_service(r, meta, top.get("spec"))
+    if service is not None:
+        out.services.append(service)
+
+
+def _skipped_summary(skipped: Sequence[tuple[str, bool]], issues: Issues) -> None:
+    """One warning line per family for the objects sticky-proxy does not read."""
+    for istio, family, what in (
+        (False, "Kubernetes", "sticky-proxy does not read"),
+        (
+            True,
+            "Istio",
+            "sticky-proxy does not act on (it reads Gateway, VirtualService, "
+            "DestinationRule and ServiceEntry)",
+        ),
+    ):
+        counts = Counter(kind for kind, is_istio in skipped if is_istio == istio)
+        if counts:
+            kinds = ", ".join(k if n == 1 else f"{k} x{n}" for k, n in counts.items())
+            total = sum(counts.values())
+            objects = "object" if total == 1 else "objects"
+            issues.warnings.append(f"skipped {total} {family} {objects} {what}: {kinds}")
 
 
 def _metadata(r: Reader, kind: str, metadata: object) -> Meta | None:
@@ -307,11 +358,16 @@ def _health_check(r: Reader, text: str | None) -> HealthCheckSpec | None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(paths: Sequence[str], credentials: str | None = None) -> Config:
+def load_config(
+    paths: Sequence[str],
+    credentials: str | None = None,
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE,
+) -> Config:
     """Load Istio YAML files or folders (multi-document) into a ``Config``.
 
     ``credentials`` is the ``--credentials`` folder, where a ``credentialName`` with no Secret
-    in the YAML is looked up. Raises ``ConfigError`` listing every error of every file.
+    in the YAML is looked up; ``namespace`` is the gateway's (``--namespace``), which sees only
+    what ``exportTo`` exports to it. Raises ``ConfigError`` listing every error of every file.
     Warnings are returned in ``Config.warnings``, not logged: the caller decides where they go.
     """
     issues = Issues()
@@ -322,10 +378,15 @@ def load_config(paths: Sequence[str], credentials: str | None = None) -> Config:
         for where, data in _documents(path, issues):
             order.append(where)
             _read_document(issues, where, data, parsed)
-    return compile_resources(parsed, issues, files, order, credentials)
+    return compile_resources(parsed, issues, files, order, credentials, namespace)
 
 
-def load_text(text: str, name: str = "<text>", credentials: str | None = None) -> Config:
+def load_text(
+    text: str,
+    name: str = "<text>",
+    credentials: str | None = None,
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE,
+) -> Config:
     """Compile Istio YAML given as a string; ``name`` stands for the file in messages."""
     issues = Issues()
     parsed = Parsed()
@@ -333,7 +394,7 @@ def load_text(text: str, name: str = "<text>", credentials: str | None = None) -
     for where, data in _parse_text(text, name, issues):
         order.append(where)
         _read_document(issues, where, data, parsed)
-    return compile_resources(parsed, issues, [name], order, credentials)
+    return compile_resources(parsed, issues, [name], order, credentials, namespace)
 
 
 def _grouped(lines: Iterable[str], order: Sequence[str]) -> list[str]:
@@ -357,8 +418,12 @@ def compile_resources(
     sources: Sequence[str],
     order: Sequence[str] = (),
     credentials: str | None = None,
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE,
 ) -> Config:
     """Cross-resource compilation; ``order`` lists the documents as read, for the messages."""
+    _skipped_summary(parsed.skipped, issues)
+    merge_delegates(parsed)  # before visibility: a merged VirtualService is exported as its root
+    hide_unexported(parsed, namespace)
     compiler = Compiler(parsed, issues, credentials)
     virtual_services = compiler.virtual_services()
     listeners = compiler.listeners()

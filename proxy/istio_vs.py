@@ -15,6 +15,11 @@ conditions are ``proxy.istio_match``'s.  The rest of an entry follows Istio's va
 one of ``route``, ``redirect`` or ``directResponse``; redirect codes 301 (the default), 302, 303,
 307 or 308; ``headers`` set/add sorted by name; the authority set at most once (rewrite or header);
 ``retries.attempts: 0`` disables retries, and ``retryOn`` takes Envoy's conditions and status codes.
+
+* **Delegates.**  A VirtualService without ``hosts`` is a delegate: it names no gateways and its
+  routes delegate no further; a route of another VirtualService with ``delegate: {name,
+  namespace}`` (and no ``route`` or ``redirect``) takes its routes (``proxy.istio_delegate``).
+
 Hosts are lowercased.  ``tcp`` and ``tls`` routes are not served: beside ``http`` routes they are
 ignored, alone they make the VirtualService skipped (one warning each way).
 """
@@ -100,6 +105,8 @@ class RawRoute:
     match_gateway_paths: tuple[tuple[str, str], ...]  # (path, resolved gateway)
     retries_set: bool
     ignore_previous_hosts: bool | None
+    delegate: str | None = None  # "namespace/name" of the delegate VirtualService
+    reader: Reader | None = None  # the delegate's, once merged into its parent (messages)
 
 
 @dataclass(slots=True)
@@ -109,6 +116,7 @@ class ParsedVirtualService:
     hosts: list[str]
     gateways: list[tuple[str, str]]  # (path, resolved)
     routes: list[RawRoute]
+    is_delegate: bool = False  # no hosts: used only through a parent's ``delegate`` route
 
 
 def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualService | None:
@@ -123,7 +131,10 @@ def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualSe
         check_gateway_name(r, p, raw)
     mesh_only = not gateways or all(g == MESH_GATEWAY for _, g in gateways)
     hosts: list[str] = []
-    raw_hosts = r.string_list(s, "hosts", "spec", required=True)
+    raw_hosts = r.string_list(s, "hosts", "spec")
+    delegate = not s.get("hosts")
+    if delegate and isinstance(spec, dict):
+        _check_delegate(r, spec)
     for p, raw_host in raw_hosts:
         host = raw_host.lower()  # Istio lowers VirtualService hosts (route.go, gateway.go)
         problem = None if host == "*" or is_ip(host) else wildcard_domain_problem(host)
@@ -144,7 +155,7 @@ def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualSe
                 )
     routes: list[RawRoute] = []
     for index, (path, item) in enumerate(r.items(s, "http", "spec")):
-        route = _http_route(r, meta, index, path, item)
+        route = _http_route(r, meta, index, path, item, in_delegate=delegate)
         if route is not None:
             routes.append(route)
     if not s.get("http") and not s.get("tls") and not s.get("tcp"):
@@ -152,7 +163,7 @@ def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualSe
         r.error("spec", "http, tcp or tls must be provided in virtual service")
     elif not _served_routes(r, s):
         return None
-    return ParsedVirtualService(meta, r, hosts, gateways, routes)
+    return ParsedVirtualService(meta, r, hosts, gateways, routes, delegate)
 
 
 def _served_routes(r: Reader, s: Mapping[str, object]) -> bool:
@@ -171,15 +182,42 @@ def _served_routes(r: Reader, s: Mapping[str, object]) -> bool:
     return False
 
 
-def _http_route(r: Reader, meta: Meta, index: int, path: str, item: object) -> RawRoute | None:
+def _check_delegate(r: Reader, s: Mapping[object, object]) -> None:
+    """pkg/config/validation/validation.go ``ValidateVirtualService``: a VirtualService without
+    hosts must be a delegate (``s`` is the raw spec: tls and tcp are ignored fields)."""
+    if s.get("gateways"):
+        r.error("spec.gateways", "delegate virtual service must have no gateways specified")
+    for key in ("tls", "tcp"):
+        if s.get(key):
+            r.error(f"spec.{key}", f"delegate virtual service must have no {key} route specified")
+
+
+def _read_delegate(
+    r: Reader, meta: Meta, path: str, m: Mapping[str, object], *, in_delegate: bool
+) -> str | None:
+    """``delegate: {name, namespace}`` -> ``namespace/name`` (the namespace defaults to ours)."""
+    d = r.obj(m, "delegate", path, ("name", "namespace"))
+    if d is None:
+        return None
+    here = join_path(path, "delegate")
+    if in_delegate:
+        r.error(here, "delegate HTTP route cannot contain delegate")
+    name = r.string(d, "name", here) or ""
+    for key in ("redirect", "route"):
+        # validateHTTPRouteConflict: a root route only delegates.
+        if m.get(key) is not None and not in_delegate:
+            named = f" {m['name']}" if isinstance(m.get("name"), str) and m["name"] else ""
+            r.error(path, f"root HTTP route{named} must not specify {key}")
+    return f"{r.string(d, 'namespace', here) or meta.namespace}/{name}"
+
+
+def _http_route(
+    r: Reader, meta: Meta, index: int, path: str, item: object, *, in_delegate: bool = False
+) -> RawRoute | None:
     m = r.mapping(item, path, (*_HTTP_ROUTE_FIELDS, "delegate"), _HTTP_ROUTE_IGNORED)
     if m is None:
         return None
-    if m.get("delegate") is not None:
-        r.error(
-            join_path(path, "delegate"),
-            f"delegate VirtualServices are {NOT_SUPPORTED} (inline the delegate's routes)",
-        )
+    delegate = _read_delegate(r, meta, path, m, in_delegate=in_delegate)
     name = r.string(m, "name", path) or ""
     matches: list[HttpMatch] = []
     gateway_refs: list[tuple[str, str]] = []
@@ -200,12 +238,14 @@ def _http_route(r: Reader, meta: Meta, index: int, path: str, item: object) -> R
             total += dest.weight
     if len(destinations) > 1 and total == 0:
         r.error(join_path(path, "route"), "total destination weight = 0")
-    redirect = _redirect(r, path, m)
+    redirect = _redirect(r, path, m, matches)
     direct = _direct_response(r, path, m)
     rewrite = _rewrite(r, path, m)
     headers = _headers(r, m, "headers", path)
     has_route = m.get("route") is not None
-    if redirect is not None or m.get("redirect") is not None:
+    if delegate is not None:
+        pass  # a root route: checked by _read_delegate
+    elif redirect is not None or m.get("redirect") is not None:
         if has_route:
             r.error(path, "HTTP route cannot contain both route and redirect")
         if m.get("directResponse") is not None:
@@ -215,7 +255,7 @@ def _http_route(r: Reader, meta: Meta, index: int, path: str, item: object) -> R
     elif m.get("directResponse") is not None:
         if has_route:
             r.error(path, "HTTP route cannot contain both route and directResponse")
-    elif not has_route and m.get("delegate") is None:
+    elif not has_route:
         r.error(path, "HTTP route, redirect or direct response is required")
     _check_authority_once(r, path, rewrite, headers)
     timeout = r.duration(m, "timeout", path)
@@ -233,7 +273,13 @@ def _http_route(r: Reader, meta: Meta, index: int, path: str, item: object) -> R
         headers=headers,
     )
     return RawRoute(
-        path, route, tuple(destinations), tuple(gateway_refs), retries_set, ignore_previous
+        path,
+        route,
+        tuple(destinations),
+        tuple(gateway_refs),
+        retries_set,
+        ignore_previous,
+        delegate,
     )
 
 
@@ -278,14 +324,28 @@ def _destination(r: Reader, meta: Meta, path: str, m: Mapping[str, object]) -> D
     return Destination(resolve_short_name(host, meta.namespace), port, subset or None)
 
 
-def _redirect(r: Reader, path: str, m: Mapping[str, object]) -> Redirect | None:
+def _redirect(
+    r: Reader, path: str, m: Mapping[str, object], matches: list[HttpMatch]
+) -> Redirect | None:
     d = r.obj(
-        m, "redirect", path, ("uri", "authority", "port", "derivePort", "scheme", "redirectCode")
+        m,
+        "redirect",
+        path,
+        ("uri", "authority", "port", "derivePort", "scheme", "redirectCode", "prefixRewrite"),
     )
     if d is None:
         return None
     here = join_path(path, "redirect")
     uri = r.string(d, "uri", here)
+    prefix = r.string(d, "prefixRewrite", here)
+    # pkg/config/validation/validation.go (validateHTTPRedirect)
+    if uri and prefix:
+        r.error(here, "redirect may only specify one of uri or prefixRewrite")
+    if prefix and any(mt.uri is not None and mt.uri.kind != "prefix" for mt in matches):
+        r.error(
+            join_path(here, "prefixRewrite"),
+            "redirect prefixRewrite requires all URI matches to use prefix match type",
+        )
     authority = r.string(d, "authority", here)
     port = r.port(d, "port", here)
     derive = r.enum(d, "derivePort", here, ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"))
@@ -293,7 +353,7 @@ def _redirect(r: Reader, path: str, m: Mapping[str, object]) -> Redirect | None:
     code = r.integer(d, "redirectCode", here)
     if d.get("port") is not None and d.get("derivePort") is not None:
         r.error(here, "only one of port or derivePort may be set")
-    if not (uri or authority or scheme or d.get("port") is not None or derive):
+    if not (uri or prefix or authority or scheme or d.get("port") is not None or derive):
         r.error(here, "redirect must specify URI, authority, scheme, or port")
     if scheme is not None and scheme not in ("http", "https"):
         r.error(join_path(here, "scheme"), 'invalid redirect scheme, must be "http" or "https"')
@@ -316,6 +376,7 @@ def _redirect(r: Reader, path: str, m: Mapping[str, object]) -> Redirect | None:
         derive_value,  # type: ignore[arg-type]
         scheme or None,
         code or 301,
+        prefix or None,
     )
 
 

@@ -562,6 +562,11 @@ def test_a_config_that_serves_nothing_is_refused_with_exit_2_saying_why(
 ) -> None:
     path = write(tmp_path, *docs)
     done = cli(command[0], path, *command[1:])
+    if command[0] == "route" and why.startswith("no VirtualService"):
+        # route still answers for a port that exists: 404 (exit 1), not a refusal.
+        assert done.returncode == 1, done.stderr
+        assert "the proxy answers 404" in done.stdout
+        return
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if not line.startswith("warning: ")]
     assert lines == [f"nothing to serve: {why}", *(f"not served: {u}" for u in unserved)]
