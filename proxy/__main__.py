@@ -493,13 +493,9 @@ def _load(paths: Sequence[str], credentials: str | None = None) -> Config | None
 
 
 def _check(paths: Sequence[str], credentials: str | None = None) -> int:
-    from proxy.istio_tls import tls_lint
-
     config = _load(paths, credentials)
     if config is None:
         return EXIT_CONFIG
-    for line in tls_lint(config):
-        print(f"warning: {line}", file=sys.stderr)
     ports = ", ".join(str(listener.port) for listener in config.listeners) or "none"
     print(
         f"ok: {len(config.sources)} file(s), listeners on port(s) {ports}, "
