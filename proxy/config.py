@@ -478,6 +478,7 @@ class Redirect:
     derive_port: Literal["FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"] | None = None
     scheme: str | None = None
     code: int = 301
+    prefix_rewrite: str | None = None  # replaces the route's matched prefix (not with uri)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,10 +35,10 @@ from proxy.affinity import Affinity, cookie_line
 from proxy.cluster import Balancer, next_distinct
 from proxy.exchange import Exchange, Forward, LocalReply
 from proxy.hashing import Maglev, RingHash
+from proxy.pool import UpstreamPool
 from proxy.prepared import Extended, Prepared, connect_retries
 from proxy.sessions import ABSENT, BAD_SIGNATURE, EXPIRED, NAMED
 from proxy.steering import SessionRetry, cluster_in_flight, in_flight
-from proxy.upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from proxy.accesslog import AccessLog

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
+    from proxy.pool import UpstreamPool
     from proxy.retry import RetryPlan
-    from proxy.upstream import UpstreamPool
 
 # Hop-by-hop header fields (RFC 9110 §7.6.1 plus the legacy ones every proxy strips): never
 # forwarded, never set by a route.

@@ -55,8 +55,8 @@ import aiohttp
 
 from proxy.cluster import Cluster
 from proxy.config import ClusterSpec, Endpoint, HealthCheckSpec, OutlierDetection
+from proxy.pool import UpstreamPool
 from proxy.tls import UpstreamTls
-from proxy.upstream import UpstreamPool
 
 __all__ = ["ClusterHealth", "HostHealth"]
 

@@ -48,6 +48,7 @@ from proxy.framing import (
     without,
 )
 from proxy.listener import Connections, ListenerState, TlsHandshake
+from proxy.pool import OPEN, QUEUED, CircuitBreaker, UpstreamPool
 from proxy.replies import (
     CONNECT_FAILURE,
     CONNECTION_TERMINATION,
@@ -58,15 +59,7 @@ from proxy.replies import (
     status_line,
 )
 from proxy.retry import IDEMPOTENT, RetryPlan
-from proxy.upstream import (
-    OPEN,
-    PROTOCOL_ERROR,
-    QUEUED,
-    CircuitBreaker,
-    UpstreamConnection,
-    UpstreamPool,
-    UpstreamTlsError,
-)
+from proxy.upstream import PROTOCOL_ERROR, UpstreamConnection, UpstreamTlsError
 
 __all__ = ["HttpConnection", "serve"]
 

@@ -26,7 +26,9 @@ clusters, and the result is assembled into a ``Config``:
 
 A ``kind: Secret`` (``apiVersion: v1``) is read too, for the certificates a Gateway's or a
 DestinationRule's ``credentialName`` names (``proxy.istio_tls``); ``--credentials DIR`` is where
-they are looked up next (``load_config(..., credentials=DIR)``).
+they are looked up next (``load_config(..., credentials=DIR)``).  A ``kind: Service`` (``v1``) gives
+its host ports, the address dialled and session labels (``proxy.istio_service``).  Other kinds
+(a helm chart's Deployments, Istio's Sidecars...) are skipped, summed up in one warning line.
 
 Strictness: unknown fields, wrong types, bad durations (Go ``time.ParseDuration`` syntax: Istio
 decodes specs with the legacy ``golang/protobuf/jsonpb``, whose Duration parser it is), missing
@@ -41,6 +43,7 @@ creation-time order.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from types import MappingProxyType
@@ -69,6 +72,7 @@ from proxy.istio_reader import (
     parse_health_check,
     type_name,
 )
+from proxy.istio_service import SERVICE_FIELDS, read_service
 from proxy.istio_tls import SECRET_FIELDS, read_secret
 from proxy.istio_vs import read_virtual_service
 
@@ -196,14 +200,15 @@ def _read_document(issues: Issues, where: str, data: object, out: Parsed) -> Non
     if kind == "Secret" and api == "v1":
         _read_secret(issues, where, data, name, out)
         return
+    if kind == "Service" and api == "v1":
+        _read_service(issues, where, data, name, out)
+        return
     group, _, version = api.partition("/") if isinstance(api, str) else ("", "", "")
     if kind not in KINDS or (group and group != API_GROUP):
-        label = f"{kind} {name}".strip()
+        # Counted, then summed up in one line per load (_skipped_summary): a helm chart's
+        # Deployments and ServiceAccounts are expected here, not worth a warning each.
         group_note = f" ({api})" if isinstance(api, str) and kind in KINDS else ""
-        issues.warnings.append(
-            f"{where}: skipped {label}{group_note}: sticky-proxy reads only "
-            f"{API_GROUP} Gateway, VirtualService, DestinationRule and ServiceEntry"
-        )
+        out.skipped.append((f"{kind}{group_note}", group.endswith(".istio.io")))
         return
     r = Reader(issues, where, f"{kind} {name}" if name else kind)
     top = r.mapping(data, "", ("apiVersion", "kind", "metadata", "spec", "status"))
@@ -266,6 +271,46 @@ def _read_secret(
     secret = read_secret(r, meta, top)
     if secret is not None:
         out.secrets.append(secret)
+
+
+def _read_service(
+    issues: Issues, where: str, data: dict[object, object], name: str, out: Parsed
+) -> None:
+    """A Kubernetes Service: its host's ports, address and labels (``proxy.istio_service``)."""
+    r = Reader(issues, where, f"Service {name}" if name else "Service")
+    top = r.mapping(data, "", SERVICE_FIELDS)
+    if top is None:
+        return
+    meta = _metadata(r, "Service", top.get("metadata"))
+    if meta is None:
+        return
+    previous = out.seen.get(("Service", meta.key))
+    if previous is not None:
+        r.error("metadata.name", f"duplicate Service {meta.key} (first defined in {previous})")
+        return
+    out.seen[("Service", meta.key)] = where
+    service = read_service(r, meta, top.get("spec"))
+    if service is not None:
+        out.services.append(service)
+
+
+def _skipped_summary(skipped: Sequence[tuple[str, bool]], issues: Issues) -> None:
+    """One warning line per family for the objects sticky-proxy does not read."""
+    for istio, family, what in (
+        (False, "Kubernetes", "sticky-proxy does not read"),
+        (
+            True,
+            "Istio",
+            "sticky-proxy does not act on (it reads Gateway, VirtualService, "
+            "DestinationRule and ServiceEntry)",
+        ),
+    ):
+        counts = Counter(kind for kind, is_istio in skipped if is_istio == istio)
+        if counts:
+            kinds = ", ".join(k if n == 1 else f"{k} x{n}" for k, n in counts.items())
+            total = sum(counts.values())
+            objects = "object" if total == 1 else "objects"
+            issues.warnings.append(f"skipped {total} {family} {objects} {what}: {kinds}")
 
 
 def _metadata(r: Reader, kind: str, metadata: object) -> Meta | None:
@@ -361,6 +406,7 @@ def compile_resources(
     credentials: str | None = None,
 ) -> Config:
     """Cross-resource compilation; ``order`` lists the documents as read, for the messages."""
+    _skipped_summary(parsed.skipped, issues)
     compiler = Compiler(parsed, issues, credentials)
     virtual_services = compiler.virtual_services()
     listeners = compiler.listeners()

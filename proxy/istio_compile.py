@@ -9,25 +9,30 @@ per port, the servers of every Gateway on that port together (they must agree on
 Clusters: one per destination reachable through a listener, and per port (and subset) of every
 ServiceEntry host.
 
-* **Destination port** when omitted: the ServiceEntry's only port, else the listener port
-  (``GetDestinationCluster``) - so one route can target different clusters per Gateway port.
+* **Destination port** when omitted: the ServiceEntry's (or Kubernetes Service's) only port,
+  else the listener port (``GetDestinationCluster``) - so one route can target different
+  clusters per Gateway port.  A host defined by both keeps the ServiceEntry (with a warning).
 * **TLS** (``proxy.istio_tls``): certificates named by Gateway servers and DestinationRules are
   read first (Secrets of the YAML, then the ``--credentials`` folder); a port whose servers
   terminate TLS is an HTTPS listener, and may not also have plain HTTP servers.
-* **Sessions that survive change** (``proxy.istio_session``): a ServiceEntry's persistent-session
-  labels give every cluster of its hosts a ``SessionSpec``; a DestinationRule's
+* **Sessions that survive change** (``proxy.istio_session``): a ServiceEntry's (or Service's)
+  persistent-session labels give every cluster of its hosts a ``SessionSpec``; a DestinationRule's
   ``sticky-proxy/hash-balance-factor`` bounds the load of its consistent-hash clusters; a
   VirtualService's ``sticky-proxy/sticky-weights`` makes its weighted splits follow the hash.
 * **Endpoints**: a ServiceEntry gives them (STATIC addresses, or DNS names; endpoint ``ports``
   map the service port by name, else ``targetPort``, else the port itself; weight 0 means 1);
   a host without a ServiceEntry is resolved through DNS at the destination port (a Kubernetes
-  headless Service answers one address per pod).  Subsets select endpoints by labels.
+  headless Service answers one address per pod, dialled at its ``targetPort``:
+  ``proxy.istio_service``).  Subsets select endpoints by labels; DNS answers carry none, so a
+  label subset needs ServiceEntry endpoints with labels, and ``check`` shows that ServiceEntry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+
+import yaml
 
 from proxy.config import (
     DEFAULT_LB,
@@ -52,6 +57,7 @@ from proxy.config import (
 from proxy.istio_dr import (
     ParsedDestinationRule,
     ParsedServiceEntry,
+    ServicePort,
     effective_policy,
     hash_for_destination,
     merge_rules,
@@ -60,6 +66,7 @@ from proxy.istio_dr import (
 )
 from proxy.istio_names import MESH_GATEWAY
 from proxy.istio_reader import Issues, Reader, did_you_mean, join_path
+from proxy.istio_service import ParsedService
 from proxy.istio_session import (
     BALANCE_ANNOTATION,
     read_balance_factor,
@@ -84,6 +91,8 @@ class Parsed:
     destination_rules: list[ParsedDestinationRule] = field(default_factory=list)
     service_entries: list[ParsedServiceEntry] = field(default_factory=list)
     secrets: list[ParsedSecret] = field(default_factory=list)
+    services: list[ParsedService] = field(default_factory=list)  # Kubernetes Services
+    skipped: list[tuple[str, bool]] = field(default_factory=list)  # (kind, is an Istio kind)
     seen: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
@@ -109,17 +118,22 @@ class Compiler:
                     )
                 else:
                     self.entries[host] = se
+        self.services = self._services(parsed.services)
         self.service_ports = {
             host: tuple(p.number for p in se.ports) for host, se in self.entries.items()
-        }
+        } | {host: tuple(p.number for p in svc.ports) for host, svc in self.services.items()}
         # Persistent sessions by service host, from the labels of the object that defines the
-        # service. TODO(issue 15): a Kubernetes Service's Meta goes through read_session too.
+        # service (a ServiceEntry or a Kubernetes Service).
         self.sessions: dict[str, SessionSpec] = {}
         for se in parsed.service_entries:
             session = read_session(se.reader, se.meta)
             for host in se.hosts:
                 if session is not None and self.entries.get(host) is se:
                     self.sessions[host] = session
+        for host, svc in self.services.items():
+            session = read_session(svc.reader, svc.meta)
+            if session is not None:
+                self.sessions[host] = session
         # Bounded load by DestinationRule host (the first rule of a host that sets it).
         self.balance: dict[str, tuple[int, Reader]] = {}
         for dr in parsed.destination_rules:
@@ -127,6 +141,25 @@ class Compiler:
             if factor:
                 self.balance.setdefault(dr.host, (factor, dr.reader))
         self.clusters: dict[str, ClusterSpec] = {}
+        self._warned_subsets: set[tuple[str, str | None]] = set()
+
+    def _services(self, services: Sequence[ParsedService]) -> dict[str, ParsedService]:
+        """Kubernetes Services by host; a host a ServiceEntry defines keeps the ServiceEntry."""
+        out: dict[str, ParsedService] = {}
+        for svc in services:
+            se = self.entries.get(svc.host)
+            if se is None:
+                out[svc.host] = svc
+                continue
+            # Istio prefers the Kubernetes Service (push_context.go, initServiceRegistry), whose
+            # pods it sees; sticky-proxy does not, and the ServiceEntry lists the endpoints.
+            svc.reader.warn(
+                "metadata.name",
+                f"host {svc.host} is also defined by ServiceEntry {se.meta.key} "
+                f"({se.meta.where}): the ServiceEntry's ports and endpoints are used "
+                "(Istio, which sees the pods, would use this Service's)",
+            )
+        return out
 
     def _read_certificates(self) -> None:
         """Every certificate the Gateways and DestinationRules name, read (errors recorded)."""
@@ -341,7 +374,16 @@ class Compiler:
                     f"Istio's fallback, the listener port {listener_port}, is not one of them",
                 )
             return
-        if se is None and dest.port is None:
+        svc = self.services.get(dest.host)
+        if svc is not None and svc.ports and port not in (p.number for p in svc.ports):
+            ports = ", ".join(str(p.number) for p in svc.ports)
+            fallback = "" if dest.port else f" (Istio's fallback, the listener port {port})"
+            r.error(
+                join_path(dpath, "port"),
+                f"port {port}{fallback} is not a port of Service {svc.meta.key} (ports: {ports})",
+            )
+            return
+        if se is None and (svc is None or not svc.ports) and dest.port is None:
             r.warn(
                 join_path(dpath, "port"),
                 f"not set and host {dest.host} has no "
@@ -361,7 +403,10 @@ class Compiler:
         selector = rule.subsets[subset].labels if rule and subset else ()
         endpoints, source = self._endpoints(host, port, selector, subset)
         outlier = policy.outlier if policy else None
-        health = (rule.health_check if rule else None) or (se.meta.health_check if se else None)
+        defined = se or self.services.get(host)
+        health = (rule.health_check if rule else None) or (
+            defined.meta.health_check if defined else None
+        )
         tls = policy.tls if policy else None
         if (
             tls is not None
@@ -411,18 +456,16 @@ class Compiler:
         self, host: str, port: int, selector: tuple[tuple[str, str], ...], subset: str | None
     ) -> tuple[StaticEndpoints | DnsEndpoints, str]:
         se = self.entries.get(host)
-        if se is None:
+        svc = self.services.get(host)
+        if se is None or (selector and not se.endpoints and se.resolution == "DNS"):
+            # DNS answers carry no labels (nor does the one endpoint Istio makes of a DNS
+            # ServiceEntry's host: serviceentry/conversion.go), so a selector picks nothing.
             if selector:
-                rule = rule_for(host, self.rules)
-                if rule is not None:
-                    rule.reader.warn(
-                        "spec.subsets",
-                        f"subset {subset} selects labels but host "
-                        f"{host} has no ServiceEntry: DNS answers carry no labels, "
-                        "so this subset has no endpoints",
-                    )
-                return DnsEndpoints(()), f"DNS {host}"
-            return DnsEndpoints((Endpoint(host, port),)), f"DNS {host}"
+                self._warn_unlabelled_subset(host, port, selector, subset)
+                return DnsEndpoints(()), _source(se, svc, host)
+            if svc is not None:
+                return DnsEndpoints((svc.target(port),)), _source(se, svc, host)
+            return DnsEndpoints((Endpoint(host, port),)), _source(se, svc, host)
         service_port = next(p for p in se.ports if p.number == port)
         chosen: list[Endpoint] = []
         for ep in se.endpoints:
@@ -431,8 +474,94 @@ class Compiler:
             target = ep.ports.get(service_port.name) or service_port.target or port
             chosen.append(Endpoint(ep.address, target, ep.weight, ep.labels))
         where = f"ServiceEntry {se.meta.key}"
+        if selector and not chosen and (host, subset) not in self._warned_subsets:
+            self._warned_subsets.add((host, subset))
+            rule = rule_for(host, self.rules)
+            if rule is not None:
+                rule.reader.warn(
+                    "spec.subsets",
+                    f"subset {subset} selects {_labels_text(selector)} but no endpoint of "
+                    f"{where} carries these labels: the subset has no endpoints (503)",
+                )
         if se.resolution == "STATIC":
             return StaticEndpoints(tuple(chosen)), where
         if not se.endpoints:
             return DnsEndpoints((Endpoint(host, service_port.target or port),)), where
         return DnsEndpoints(tuple(chosen)), where
+
+    def _warn_unlabelled_subset(
+        self, host: str, port: int, selector: tuple[tuple[str, str], ...], subset: str | None
+    ) -> None:
+        """Why a label subset of a DNS-resolved host is empty, and the ServiceEntry that fixes
+        it (Istio's answer too): endpoints named by DNS, each with the labels it stands for."""
+        rule = rule_for(host, self.rules)
+        if rule is None or (host, subset) in self._warned_subsets:
+            return
+        self._warned_subsets.add((host, subset))
+        se = self.entries.get(host)
+        svc = self.services.get(host)
+        ports = se.ports if se else (svc.ports if svc and svc.ports else ())
+        if not ports:
+            ports = [ServicePort(port, "http", "HTTP", None)]
+        what = (
+            f"ServiceEntry {se.meta.key} of host {host} lists no endpoints"
+            if se
+            else f"host {host} has no ServiceEntry"
+        )
+        placeholder = f"{host.split('.', 1)[0]}-{subset}"
+        rule.reader.warn(
+            "spec.subsets",
+            f"subset {subset} selects {_labels_text(selector)} but {what}: "
+            "DNS answers carry no labels, so this subset has no endpoints (503). A "
+            "ServiceEntry naming the pods, each with its labels, fixes it (one per host: "
+            f"list every subset's endpoints in it; replace {placeholder} with the names "
+            f"DNS resolves to this subset's pods):\n"
+            + _service_entry_yaml(host, ports, selector, placeholder),
+        )
+
+
+def _source(se: ParsedServiceEntry | None, svc: ParsedService | None, host: str) -> str:
+    if se is not None:
+        return f"ServiceEntry {se.meta.key}"
+    return f"Service {svc.meta.key}" if svc is not None else f"DNS {host}"
+
+
+def _labels_text(selector: tuple[tuple[str, str], ...]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in selector)
+
+
+def _service_entry_yaml(
+    host: str,
+    ports: Sequence[ServicePort],
+    selector: tuple[tuple[str, str], ...],
+    address: str,
+) -> str:
+    """The ServiceEntry giving ``host`` one DNS endpoint with the subset's labels."""
+    lines = [
+        "apiVersion: networking.istio.io/v1",
+        "kind: ServiceEntry",
+        "metadata:",
+        f"  name: {host.split('.', 1)[0]}",
+        "spec:",
+        "  hosts:",
+        f"  - {host}",
+        "  location: MESH_INTERNAL",
+        "  ports:",
+    ]
+    for p in ports:
+        name = p.name or "http"
+        lines += [f"  - number: {p.number}", f"    name: {name}", "    protocol: HTTP"]
+    lines += ["  resolution: DNS", "  endpoints:", f"  - address: {address}"]
+    targets = [(p.name or "http", p.target) for p in ports if p.target]
+    if targets:
+        lines.append("    ports:")
+        lines += [f"      {name}: {target}" for name, target in targets]
+    lines.append("    labels:")
+    lines += [f"      {k}: {_yaml_scalar(v)}" for k, v in selector]
+    return "\n".join(f"    {line}" for line in lines)
+
+
+def _yaml_scalar(text: str) -> str:
+    """``text`` as a YAML string (quoted when YAML would read it as something else)."""
+    loaded = yaml.safe_load(text) if text else None
+    return text if isinstance(loaded, str) and loaded == text and ":" not in text else f'"{text}"'

@@ -124,6 +124,7 @@ def _load_balancer(r: Reader, m: Mapping[str, object], path: str) -> LoadBalance
         ("simple", "consistentHash"),
         {
             "localityLbSetting": "locality load balancing is not modelled (one locality)",
+            "zoneAwareLbSetting": "zone-aware load balancing is not modelled (one locality)",
             "warmupDurationSecs": f"slow start is {NOT_SUPPORTED}",
             "warmup": f"slow start is {NOT_SUPPORTED}",
         },
@@ -131,6 +132,12 @@ def _load_balancer(r: Reader, m: Mapping[str, object], path: str) -> LoadBalance
     if lb is None:
         return None
     here = join_path(path, "loadBalancer")
+    raw = m.get("loadBalancer")
+    if isinstance(raw, dict) and all(
+        raw.get(k) is not None for k in ("localityLbSetting", "zoneAwareLbSetting")
+    ):
+        # pkg/config/validation/validation.go (validateLoadBalancer)
+        r.error(here, "only one of localityLbSetting and zoneAwareLbSetting can be set")
     simple = r.enum(lb, "simple", here, _LB_SIMPLE)
     if lb.get("simple") is not None and lb.get("consistentHash") is not None:
         r.error(here, "only one of simple or consistentHash may be set")
@@ -324,6 +331,7 @@ def _connection_pool(
             "useClientProtocol",
             "maxConcurrentStreams",
         ),
+        {"http2KeepAlive": "HTTP/2 keepalive pings do not apply (HTTP/1.1 to the endpoints)"},
     )
     if hp is not None:
         hpath = join_path(here, "http")
@@ -368,7 +376,9 @@ def _outlier(r: Reader, m: Mapping[str, object], path: str) -> OutlierDetection 
         ),
         {
             "consecutiveErrors": "deprecated; Istio ignores it (use consecutive5xxErrors or "
-            "consecutiveGatewayErrors)"
+            "consecutiveGatewayErrors)",
+            "outlierDetectionHttpErrorCodes": f"custom error codes are {NOT_SUPPORTED} "
+            "(5xx responses count as errors)",
         },
     )
     if o is None:

@@ -163,6 +163,9 @@ class Issues:
         self.warnings: list[str] = []
 
 
+_INDEX = re.compile(r"\[[0-9]+\]")
+
+
 class Reader:
     """Typed, strict access to one resource's YAML; every problem is recorded, none raised.
 
@@ -176,6 +179,7 @@ class Reader:
         self.where = where
         self.what = what
         self.failed = False
+        self._ignored_seen: set[str] = set()  # ignored fields already warned about
 
     def _line(self, path: str, message: str) -> str:
         head = f"{self.where}: {self.what}" if self.what else self.where
@@ -211,7 +215,10 @@ class Reader:
             if name in known:
                 out[name] = item
             elif name in skipped:
-                if item is not None:
+                # One warning per ignored field per resource, not one per list element.
+                seen = _INDEX.sub("[]", join_path(path, name))
+                if item is not None and seen not in self._ignored_seen:
+                    self._ignored_seen.add(seen)
                     self.warn(join_path(path, name), f"ignored: {skipped[name]}")
             else:
                 hint = did_you_mean(name, [*known, *skipped])

@@ -183,7 +183,7 @@ def _http_route(r: Reader, meta: Meta, index: int, path: str, item: object) -> R
             total += dest.weight
     if len(destinations) > 1 and total == 0:
         r.error(join_path(path, "route"), "total destination weight = 0")
-    redirect = _redirect(r, path, m)
+    redirect = _redirect(r, path, m, matches)
     direct = _direct_response(r, path, m)
     rewrite = _rewrite(r, path, m)
     headers = _headers(r, m, "headers", path)
@@ -260,14 +260,28 @@ def _destination(r: Reader, meta: Meta, path: str, m: Mapping[str, object]) -> D
     return Destination(resolve_short_name(host, meta.namespace), port, subset or None)
 
 
-def _redirect(r: Reader, path: str, m: Mapping[str, object]) -> Redirect | None:
+def _redirect(
+    r: Reader, path: str, m: Mapping[str, object], matches: list[HttpMatch]
+) -> Redirect | None:
     d = r.obj(
-        m, "redirect", path, ("uri", "authority", "port", "derivePort", "scheme", "redirectCode")
+        m,
+        "redirect",
+        path,
+        ("uri", "authority", "port", "derivePort", "scheme", "redirectCode", "prefixRewrite"),
     )
     if d is None:
         return None
     here = join_path(path, "redirect")
     uri = r.string(d, "uri", here)
+    prefix = r.string(d, "prefixRewrite", here)
+    # pkg/config/validation/validation.go (validateHTTPRedirect)
+    if uri and prefix:
+        r.error(here, "redirect may only specify one of uri or prefixRewrite")
+    if prefix and any(mt.uri is not None and mt.uri.kind != "prefix" for mt in matches):
+        r.error(
+            join_path(here, "prefixRewrite"),
+            "redirect prefixRewrite requires all URI matches to use prefix match type",
+        )
     authority = r.string(d, "authority", here)
     port = r.port(d, "port", here)
     derive = r.enum(d, "derivePort", here, ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"))
@@ -275,7 +289,7 @@ def _redirect(r: Reader, path: str, m: Mapping[str, object]) -> Redirect | None:
     code = r.integer(d, "redirectCode", here)
     if d.get("port") is not None and d.get("derivePort") is not None:
         r.error(here, "only one of port or derivePort may be set")
-    if not (uri or authority or scheme or d.get("port") is not None or derive):
+    if not (uri or prefix or authority or scheme or d.get("port") is not None or derive):
         r.error(here, "redirect must specify URI, authority, scheme, or port")
     if scheme is not None and scheme not in ("http", "https"):
         r.error(join_path(here, "scheme"), 'invalid redirect scheme, must be "http" or "https"')
@@ -298,6 +312,7 @@ def _redirect(r: Reader, path: str, m: Mapping[str, object]) -> Redirect | None:
         derive_value,  # type: ignore[arg-type]
         scheme or None,
         code or 301,
+        prefix or None,
     )
 
 

@@ -361,6 +361,10 @@ class _Entry:
         prefix = self.rewrite_prefix
         if prefix is None:
             return path
+        return self.replace_prefix(prefix, path, bare)
+
+    def replace_prefix(self, prefix: str, path: str, bare: str) -> str:
+        """The matched prefix (an exact match: the whole path) replaced; the query kept."""
         matched = len(self.path_value) if self.path_kind == "prefix" else len(bare)
         return prefix + path[matched:]
 
@@ -786,7 +790,10 @@ class Router:
                     action = candidate
                     break
         if action.redirect is not None:
-            location = _location(action.redirect, authority, path, bare, self.port, self.scheme)
+            target = path
+            if action.redirect.prefix_rewrite is not None:  # Envoy's RedirectAction.prefix_rewrite
+                target = entry.replace_prefix(action.redirect.prefix_rewrite, path, bare)
+            location = _location(action.redirect, authority, target, bare, self.port, self.scheme)
             return RouteDecision(action, vhost, path, entry, location)
         return RouteDecision(action, vhost, path, entry)
 

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 from proxy.cluster import Cluster
 from proxy.config import DEFAULT_LB, ClusterSpec, Config, StaticEndpoints
 from proxy.health import ClusterHealth
+from proxy.pool import CircuitBreaker, UpstreamPool
 from proxy.routing import Router
 from proxy.tls import TlsListener, UpstreamTls
-from proxy.upstream import CircuitBreaker, UpstreamPool
 
 if TYPE_CHECKING:
     from proxy.metrics import ClusterStats, Metrics

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from proxy.cluster import Balancer, Cluster
     from proxy.exchange import Exchange, Forward
     from proxy.metrics import ClusterStats
+    from proxy.pool import UpstreamPool
     from proxy.sessions import PersistentSession
-    from proxy.upstream import UpstreamPool
 
 _MASK64 = (1 << 64) - 1
 

@@ -27,7 +27,7 @@ from aiohttp import web
 from proxy.exchange import Dispatcher, Exchange, Forward, LocalReply, ServerSettings
 from proxy.http1 import serve
 from proxy.listener import Connections
-from proxy.upstream import UpstreamPool
+from proxy.pool import UpstreamPool
 
 HOST = "127.0.0.1"
 PROXY_DIR = Path(__file__).resolve().parent.parent / "proxy"

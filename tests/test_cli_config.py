@@ -86,8 +86,10 @@ def test_check_prints_warnings_and_still_passes(
     out, err = capsys.readouterr()
     assert out.startswith("ok: 3 file(s)")
     assert without_lint(err) == (
-        f"warning: {extra}: skipped Service test2-bwce-srv: sticky-proxy reads only "
-        "networking.istio.io Gateway, VirtualService, DestinationRule and ServiceEntry\n"
+        f"warning: {extra}: Service test2-bwce-srv: metadata.name: host "
+        "test2-bwce-srv.default.svc.cluster.local is also defined by ServiceEntry "
+        f"default/test2-bwce-srv ({CONFIG / 'serviceentry.yaml'}): the ServiceEntry's ports "
+        "and endpoints are used (Istio, which sees the pods, would use this Service's)\n"
     )
 
 

@@ -29,8 +29,8 @@ from proxy.demo import PodSet
 from proxy.hashing import Maglev, RingHash, xxh64
 from proxy.health import ClusterHealth
 from proxy.istio import load_text
+from proxy.pool import UpstreamPool
 from proxy.server import Proxy, RunOptions
-from proxy.upstream import UpstreamPool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 

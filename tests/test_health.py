@@ -22,7 +22,7 @@ from proxy.demo import PodSet
 from proxy.hashing import RingHash
 from proxy.health import ClusterHealth
 from proxy.istio_reader import parse_health_check
-from proxy.upstream import UpstreamPool
+from proxy.pool import UpstreamPool
 
 ENDPOINTS = tuple(Endpoint("127.0.0.1", 9000 + i) for i in range(3))
 KEYS = [ep.key for ep in ENDPOINTS]

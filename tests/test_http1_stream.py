@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.exchange import Exchange, Forward, LocalReply, ServerSettings
 from proxy.http1 import serve
-from proxy.upstream import UpstreamPool
+from proxy.pool import UpstreamPool
 
 pytestmark = pytest.mark.timeout(60)
 

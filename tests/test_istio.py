@@ -156,22 +156,21 @@ def test_files_and_folders_give_the_same_config(tmp_path: Path) -> None:
     assert len(config.clusters) == 1
 
 
-def test_other_kinds_are_skipped_with_one_warning_each() -> None:
+def test_other_kinds_are_skipped_with_one_summary_line() -> None:
     config = load(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n",
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {replicas: 3}\n",
         "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: kgw}\n"
         "spec: {gatewayClassName: istio}\n",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api}\nspec: {replicas: 1}\n",
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\nspec: {}\n",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\n",
         GATEWAY,
     )
-    tail = (
-        "sticky-proxy reads only networking.istio.io Gateway, VirtualService, DestinationRule "
-        "and ServiceEntry"
-    )
     assert config.warnings == (
-        f"t.yaml[1]: skipped Service web: {tail}",
-        f"t.yaml[2]: skipped Deployment web: {tail}",
-        f"t.yaml[3]: skipped Gateway kgw (gateway.networking.k8s.io/v1): {tail}",
+        "skipped 3 Kubernetes objects sticky-proxy does not read: "
+        "Deployment x2, Gateway (gateway.networking.k8s.io/v1)",
+        "skipped 2 Istio objects sticky-proxy does not act on (it reads Gateway, "
+        "VirtualService, DestinationRule and ServiceEntry): Sidecar, PeerAuthentication",
     )
     assert [g.key for g in config.gateways] == ["default/gw"]
 
@@ -190,7 +189,7 @@ items:
 """
     config = load_text(text, "list.yaml")
     assert [g.key for g in config.gateways] == ["edge/gw"]
-    assert config.warnings[0].startswith("list.yaml items[0]: skipped ConfigMap c:")
+    assert config.warnings == ("skipped 1 Kubernetes object sticky-proxy does not read: ConfigMap",)
 
 
 def test_istio_api_versions_are_all_accepted() -> None:

@@ -17,6 +17,7 @@ import pytest
 from conftest import ForwardAll
 
 from proxy.config import RetryPolicy
+from proxy.pool import CircuitBreaker
 from proxy.replies import CONNECT_FAILURE, CONNECTION_TERMINATION, OVERFLOW_TEXT
 from proxy.retry import (
     RETRY_CONNECT_FAILURE,
@@ -25,7 +26,6 @@ from proxy.retry import (
     RetryPlan,
     retry_plan,
 )
-from proxy.upstream import CircuitBreaker
 
 pytestmark = pytest.mark.timeout(30)
 

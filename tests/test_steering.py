@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from proxy.exchange import HeaderEdit
 from proxy.hashing import RingHash, xxh64
+from proxy.pool import UpstreamPool
 from proxy.steering import in_flight, nth_other, with_removed
-from proxy.upstream import UpstreamPool
 
 
 def test_nth_other_starts_with_the_keys_own_endpoint_and_skips_the_failed_one() -> None:
