@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from proxy_process import proxy_process
 from tls_certs import CA
 
 from proxy.istio import load_text
@@ -322,3 +324,15 @@ def test_check_prints_each_lint_warning_once(tmp_path: Path) -> None:
     )
     assert check.returncode == 0
     assert check.stderr.count("add `path: /`") == 1
+
+
+@pytest.mark.timeout(60)
+async def test_run_prints_each_lint_warning_once_at_start(tmp_path: Path) -> None:
+    docs = (gateway(), virtual_service(ONE_ROUTE), rule(COOKIE % "ttl: 1h"), entry(2))
+    (tmp_path / "all.yaml").write_text("---\n".join(docs))
+    args = ("--listen", "127.0.0.1:0", "--admin-port", "off", "--readiness-port", "off")
+    async with proxy_process(str(tmp_path), *args, "--metrics-port", "off") as proxy:
+        await proxy.port("")
+        proxy.signal(signal.SIGTERM)
+        assert await proxy.exit_code() == 0
+    assert sum("add `path: /`" in line for line in proxy.lines) == 1
