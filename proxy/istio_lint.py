@@ -72,15 +72,16 @@ _HOP_BY_HOP: Final = frozenset(
         "http2-settings",
     }
 )
-# Headers the gateway itself writes: what the hash then sees is not the client's session.
+# Headers the gateway writes itself. sticky-proxy hashes a request's headers as the client sent
+# them (proxy.affinity); Envoy hashes them after its connection manager set these.
 _SET_BY_PROXY: Final = {
-    "x-request-id": "the gateway gives every request that has none a new random x-request-id, "
-    "so each request hashes differently",
-    "x-forwarded-proto": "the gateway sets it to the listener's scheme, the same for every "
-    "client, so every session hashes to one pod",
+    "x-request-id": "clients send none and the gateway makes up a new one for every request, "
+    "so no two requests share a key",
+    "x-forwarded-proto": "clients send none and the gateway sets the listener's scheme, the "
+    "same for everyone: no key in sticky-proxy (a random pod), one pod for all in Envoy",
     "x-forwarded-for": "sticky-proxy hashes the value the client sent (Envoy appends the "
     "client's address first); browsers send none, so without a load balancer in front that "
-    "sets it every request goes to a random pod",
+    "sets it every request goes to a random pod (useSourceIp: true hashes the client's address)",
 }
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -177,11 +178,11 @@ def header_problem(name: str) -> str | None:
         return "not a valid header name (RFC 9110 token), no client can send it"
     if lower in _HOP_BY_HOP:
         return (
-            "a hop-by-hop header: it describes the client's connection, not its session, and "
-            "Envoy removes it before routing, so it keeps no session on its pod"
+            "a hop-by-hop header: it describes the connection, not the session (Envoy removes "
+            "it before routing, and clients send the same few values or none), so it keeps no "
+            "session on its pod"
         )
-    found = _SET_BY_PROXY.get(lower)
-    return found
+    return _SET_BY_PROXY.get(lower)
 
 
 def _outlier(outlier: OutlierDetection, clusters: Iterable[ClusterSpec]) -> str | None:

@@ -262,8 +262,8 @@ def by_header(name: str) -> str:
     [
         ("Connection", "a hop-by-hop header"),
         ("upgrade", "a hop-by-hop header"),
-        ("x-request-id", "a new random x-request-id"),
-        ("X-Forwarded-Proto", "the same for every client"),
+        ("x-request-id", "a new one for every request"),
+        ("X-Forwarded-Proto", "one pod for all in Envoy"),
         ("x-forwarded-for", "browsers send none"),
         (":path", "a pseudo-header"),
         ("x user", "not a valid header name"),
