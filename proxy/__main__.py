@@ -22,8 +22,16 @@ from typing import Any
 from proxy import __version__
 from proxy.config import Config, ConfigError
 from proxy.demo_command import add_demo_parser
-from proxy.flags import LISTEN_ENV, env_listen, istio_duration, positive_seconds, seconds
+from proxy.flags import (
+    LISTEN_ENV,
+    env_listen,
+    istio_duration,
+    namespace_name,
+    positive_seconds,
+    seconds,
+)
 from proxy.istio import load_config
+from proxy.istio_visibility import DEFAULT_GATEWAY_NAMESPACE
 
 EXIT_OK = 0
 EXIT_NO_ROUTE = 1
@@ -91,6 +99,14 @@ def _add_credentials(parser: argparse.ArgumentParser) -> None:
         help="where a credentialName with no Secret in the YAML is looked up: DIR/NAME/tls.crt, "
         "tls.key, ca.crt (a Kubernetes Secret as mounted)",
     )
+    parser.add_argument(
+        "--namespace",
+        type=namespace_name,
+        default=DEFAULT_GATEWAY_NAMESPACE,
+        metavar="NS",
+        help="the gateway's namespace: only what exportTo exports to it is used "
+        f"(default {DEFAULT_GATEWAY_NAMESPACE}, Istio's ingress gateway's)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(args.log_level if "log_level" in args else "info")
         return _run_loop(run_demo(args))
     if args.command == "check":
-        return _check(args.paths, args.credentials)
+        return _check(args.paths, args.credentials, args.namespace)
     if args.command == "route":
         return _route(args)
     parser.print_help()
@@ -243,6 +259,7 @@ class RunArgs:
 
     paths: tuple[str, ...]
     credentials: str | None
+    namespace: str
     listen: tuple[str, ...]
     dns_refresh: float
     log_level: str
@@ -387,7 +404,7 @@ def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
         if not listen:
             listen = (("0.0.0.0", opts.port),)
     else:
-        loaded = _load(args.paths, args.credentials)
+        loaded = _load(args.paths, args.credentials, args.namespace)
         if loaded is None:
             return EXIT_CONFIG
         config = loaded
@@ -443,6 +460,7 @@ def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
         access_log=args.access_log,
         config_paths=tuple(args.paths),
         credentials=args.credentials,
+        namespace=args.namespace,
         watch=1.0 if args.watch else None,
         worker=worker or 0,
         ready_fd=args.ready_fd,
@@ -476,9 +494,13 @@ def _workers(text: str) -> int:
 # --------------------------------------------------------------------------- check
 
 
-def _load(paths: Sequence[str], credentials: str | None = None) -> Config | None:
+def _load(
+    paths: Sequence[str],
+    credentials: str | None = None,
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE,
+) -> Config | None:
     try:
-        config = load_config(paths, credentials)
+        config = load_config(paths, credentials, namespace)
     except ConfigError as exc:
         for line in exc.warnings:
             print(f"warning: {line}", file=sys.stderr)
@@ -492,8 +514,12 @@ def _load(paths: Sequence[str], credentials: str | None = None) -> Config | None
     return config
 
 
-def _check(paths: Sequence[str], credentials: str | None = None) -> int:
-    config = _load(paths, credentials)
+def _check(
+    paths: Sequence[str],
+    credentials: str | None = None,
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE,
+) -> int:
+    config = _load(paths, credentials, namespace)
     if config is None:
         return EXIT_CONFIG
     ports = ", ".join(str(listener.port) for listener in config.listeners) or "none"
@@ -527,7 +553,7 @@ def _route(args: argparse.Namespace) -> int:
     from proxy.explain import Probe, address_of, explain
     from proxy.routing import Router
 
-    config = _load(args.paths, args.credentials)
+    config = _load(args.paths, args.credentials, args.namespace)
     if config is None:
         return EXIT_CONFIG
     headers = _pairs(args.header, ":", "--header")

@@ -19,9 +19,16 @@ import math
 import os
 from collections.abc import Mapping
 
-from proxy.istio_reader import DURATION_HINT, parse_duration
+from proxy.istio_reader import DURATION_HINT, is_dns1123_label, parse_duration
 
-__all__ = ["LISTEN_ENV", "env_listen", "istio_duration", "positive_seconds", "seconds"]
+__all__ = [
+    "LISTEN_ENV",
+    "env_listen",
+    "istio_duration",
+    "namespace_name",
+    "positive_seconds",
+    "seconds",
+]
 
 LISTEN_ENV = "STICKY_PROXY_LISTEN"
 
@@ -54,6 +61,16 @@ def istio_duration(text: str) -> str:
     seconds(text)  # the same errors as the other duration flags
     body = text.strip()
     return f"{body}s" if _plain_seconds(body) is not None else body
+
+
+def namespace_name(text: str) -> str:
+    """``--namespace``: a Kubernetes namespace name (a DNS-1123 label)."""
+    if not is_dns1123_label(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a namespace name (lowercase letters, digits and '-', "
+            "at most 63 characters)"
+        )
+    return text
 
 
 def _plain_seconds(text: str) -> float | None:

@@ -22,6 +22,8 @@ clusters, and the result is assembled into a ``Config``:
   retries; its match conditions in ``proxy.istio_match``
 * ``proxy.istio_dr``      - DestinationRule (subsets, merging, which policy applies) and
   ServiceEntry; one level of a traffic policy in ``proxy.istio_policy``
+* ``proxy.istio_delegate`` - delegate VirtualServices merged into their parents' routes
+* ``proxy.istio_visibility`` - ``exportTo``: what the gateway's namespace (``namespace=``) sees
 * ``proxy.istio_compile`` - the cross-resource pass
 
 A ``kind: Secret`` (``apiVersion: v1``) is read too, for the certificates a Gateway's or a
@@ -52,6 +54,7 @@ import yaml
 
 from proxy.config import Config, ConfigError, HealthCheckSpec
 from proxy.istio_compile import Compiler, Parsed
+from proxy.istio_delegate import merge_delegates
 from proxy.istio_dr import read_destination_rule, read_service_entry
 from proxy.istio_gateway import read_gateway
 from proxy.istio_lint import lint
@@ -74,6 +77,7 @@ from proxy.istio_reader import (
 )
 from proxy.istio_service import SERVICE_FIELDS, read_service
 from proxy.istio_tls import SECRET_FIELDS, read_secret
+from proxy.istio_visibility import DEFAULT_GATEWAY_NAMESPACE, hide_unexported, read_export_to
 from proxy.istio_vs import read_virtual_service
 
 __all__ = [
@@ -234,6 +238,8 @@ def _read_document(issues: Issues, where: str, data: object, out: Parsed) -> Non
         r.error("metadata.name", f"duplicate {kind} {meta.key} (first defined in {previous})")
         return
     out.seen[(kind, meta.key)] = where
+    if kind != "Gateway":
+        out.exports[(kind, meta.key)] = read_export_to(r, meta, spec)
     if kind == "Gateway":
         gateway = read_gateway(r, meta, spec)
         if gateway is not None:
@@ -354,11 +360,16 @@ def _health_check(r: Reader, text: str | None) -> HealthCheckSpec | None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(paths: Sequence[str], credentials: str | None = None) -> Config:
+def load_config(
+    paths: Sequence[str],
+    credentials: str | None = None,
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE,
+) -> Config:
     """Load Istio YAML files or folders (multi-document) into a ``Config``.
 
     ``credentials`` is the ``--credentials`` folder, where a ``credentialName`` with no Secret
-    in the YAML is looked up. Raises ``ConfigError`` listing every error of every file.
+    in the YAML is looked up; ``namespace`` is the gateway's (``--namespace``), which sees only
+    what ``exportTo`` exports to it. Raises ``ConfigError`` listing every error of every file.
     Warnings are returned in ``Config.warnings``, not logged: the caller decides where they go.
     """
     issues = Issues()
@@ -369,10 +380,15 @@ def load_config(paths: Sequence[str], credentials: str | None = None) -> Config:
         for where, data in _documents(path, issues):
             order.append(where)
             _read_document(issues, where, data, parsed)
-    return compile_resources(parsed, issues, files, order, credentials)
+    return compile_resources(parsed, issues, files, order, credentials, namespace)
 
 
-def load_text(text: str, name: str = "<text>", credentials: str | None = None) -> Config:
+def load_text(
+    text: str,
+    name: str = "<text>",
+    credentials: str | None = None,
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE,
+) -> Config:
     """Compile Istio YAML given as a string; ``name`` stands for the file in messages."""
     issues = Issues()
     parsed = Parsed()
@@ -380,7 +396,7 @@ def load_text(text: str, name: str = "<text>", credentials: str | None = None) -
     for where, data in _parse_text(text, name, issues):
         order.append(where)
         _read_document(issues, where, data, parsed)
-    return compile_resources(parsed, issues, [name], order, credentials)
+    return compile_resources(parsed, issues, [name], order, credentials, namespace)
 
 
 def _grouped(lines: Iterable[str], order: Sequence[str]) -> list[str]:
@@ -404,9 +420,12 @@ def compile_resources(
     sources: Sequence[str],
     order: Sequence[str] = (),
     credentials: str | None = None,
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE,
 ) -> Config:
     """Cross-resource compilation; ``order`` lists the documents as read, for the messages."""
     _skipped_summary(parsed.skipped, issues)
+    merge_delegates(parsed)  # before visibility: a merged VirtualService is exported as its root
+    hide_unexported(parsed, namespace)
     compiler = Compiler(parsed, issues, credentials)
     virtual_services = compiler.virtual_services()
     listeners = compiler.listeners()

@@ -94,6 +94,9 @@ class Parsed:
     services: list[ParsedService] = field(default_factory=list)  # Kubernetes Services
     skipped: list[tuple[str, bool]] = field(default_factory=list)  # (kind, is an Istio kind)
     seen: dict[tuple[str, str], str] = field(default_factory=dict)
+    # (kind, namespace/name) -> spec.exportTo ("." resolved; empty: everywhere), for
+    # proxy.istio_visibility and proxy.istio_delegate
+    exports: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
 
 
 class Compiler:
@@ -188,7 +191,7 @@ class Compiler:
             routes = []
             for raw in vs.routes:
                 for path, ref in raw.match_gateway_paths:
-                    self._check_gateway_ref(vs.reader, path, ref)
+                    self._check_gateway_ref(raw.reader or vs.reader, path, ref)
                 routes.append(self._route(vs, raw))
             gateways = tuple(g for _, g in vs.gateways) or (MESH_GATEWAY,)
             if gateways == (MESH_GATEWAY,):
@@ -219,7 +222,7 @@ class Compiler:
     def _route(self, vs: ParsedVirtualService, raw: RawRoute) -> HttpRoute:
         destinations: list[RouteDestination] = []
         for d in raw.destinations:
-            self._check_subset(vs.reader, d)
+            self._check_subset(raw.reader or vs.reader, d)
             rule = rule_for(d.destination.host, self.rules)
             destinations.append(
                 RouteDestination(
@@ -305,7 +308,10 @@ class Compiler:
                 for route, raw_route in zip(vs.http, raw.routes, strict=True):
                     for dest, raw_dest in zip(route.route, raw_route.destinations, strict=True):
                         self._destination_cluster(
-                            raw.reader, raw_dest.path, dest.destination, listener.port
+                            raw_route.reader or raw.reader,
+                            raw_dest.path,
+                            dest.destination,
+                            listener.port,
                         )
         for se in self.parsed.service_entries:
             for host in se.hosts:

@@ -15,6 +15,10 @@ conditions are ``proxy.istio_match``'s.  The rest of an entry follows Istio's va
 one of ``route``, ``redirect`` or ``directResponse``; redirect codes 301 (the default), 302, 303,
 307 or 308; ``headers`` set/add sorted by name; the authority set at most once (rewrite or header);
 ``retries.attempts: 0`` disables retries, and ``retryOn`` takes Envoy's conditions and status codes.
+
+* **Delegates.**  A VirtualService without ``hosts`` is a delegate: it names no gateways and its
+  routes delegate no further; a route of another VirtualService with ``delegate: {name,
+  namespace}`` (and no ``route`` or ``redirect``) takes its routes (``proxy.istio_delegate``).
 """
 
 from __future__ import annotations
@@ -98,6 +102,8 @@ class RawRoute:
     match_gateway_paths: tuple[tuple[str, str], ...]  # (path, resolved gateway)
     retries_set: bool
     ignore_previous_hosts: bool | None
+    delegate: str | None = None  # "namespace/name" of the delegate VirtualService
+    reader: Reader | None = None  # the delegate's, once merged into its parent (messages)
 
 
 @dataclass(slots=True)
@@ -107,6 +113,7 @@ class ParsedVirtualService:
     hosts: list[str]
     gateways: list[tuple[str, str]]  # (path, resolved)
     routes: list[RawRoute]
+    is_delegate: bool = False  # no hosts: used only through a parent's ``delegate`` route
 
 
 def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualService | None:
@@ -126,7 +133,10 @@ def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualSe
         check_gateway_name(r, p, raw)
     mesh_only = not gateways or all(g == MESH_GATEWAY for _, g in gateways)
     hosts: list[str] = []
-    raw_hosts = r.string_list(s, "hosts", "spec", required=True)
+    raw_hosts = r.string_list(s, "hosts", "spec")
+    delegate = not s.get("hosts")
+    if delegate and isinstance(spec, dict):
+        _check_delegate(r, spec)
     for p, host in raw_hosts:
         problem = None if host == "*" or is_ip(host) else wildcard_domain_problem(host)
         if problem is not None:
@@ -146,23 +156,50 @@ def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualSe
                 )
     routes: list[RawRoute] = []
     for index, (path, item) in enumerate(r.items(s, "http", "spec")):
-        route = _http_route(r, meta, index, path, item)
+        route = _http_route(r, meta, index, path, item, in_delegate=delegate)
         if route is not None:
             routes.append(route)
     if s.get("http") is None and s.get("tls") is None and s.get("tcp") is None:
         r.error("spec", "http, tcp or tls must be provided in virtual service")
-    return ParsedVirtualService(meta, r, hosts, gateways, routes)
+    return ParsedVirtualService(meta, r, hosts, gateways, routes, delegate)
 
 
-def _http_route(r: Reader, meta: Meta, index: int, path: str, item: object) -> RawRoute | None:
+def _check_delegate(r: Reader, s: Mapping[object, object]) -> None:
+    """pkg/config/validation/validation.go ``ValidateVirtualService``: a VirtualService without
+    hosts must be a delegate (``s`` is the raw spec: tls and tcp are ignored fields)."""
+    if s.get("gateways"):
+        r.error("spec.gateways", "delegate virtual service must have no gateways specified")
+    for key in ("tls", "tcp"):
+        if s.get(key):
+            r.error(f"spec.{key}", f"delegate virtual service must have no {key} route specified")
+
+
+def _read_delegate(
+    r: Reader, meta: Meta, path: str, m: Mapping[str, object], *, in_delegate: bool
+) -> str | None:
+    """``delegate: {name, namespace}`` -> ``namespace/name`` (the namespace defaults to ours)."""
+    d = r.obj(m, "delegate", path, ("name", "namespace"))
+    if d is None:
+        return None
+    here = join_path(path, "delegate")
+    if in_delegate:
+        r.error(here, "delegate HTTP route cannot contain delegate")
+    name = r.string(d, "name", here) or ""
+    for key in ("redirect", "route"):
+        # validateHTTPRouteConflict: a root route only delegates.
+        if m.get(key) is not None and not in_delegate:
+            named = f" {m['name']}" if isinstance(m.get("name"), str) and m["name"] else ""
+            r.error(path, f"root HTTP route{named} must not specify {key}")
+    return f"{r.string(d, 'namespace', here) or meta.namespace}/{name}"
+
+
+def _http_route(
+    r: Reader, meta: Meta, index: int, path: str, item: object, *, in_delegate: bool = False
+) -> RawRoute | None:
     m = r.mapping(item, path, (*_HTTP_ROUTE_FIELDS, "delegate"), _HTTP_ROUTE_IGNORED)
     if m is None:
         return None
-    if m.get("delegate") is not None:
-        r.error(
-            join_path(path, "delegate"),
-            f"delegate VirtualServices are {NOT_SUPPORTED} (inline the delegate's routes)",
-        )
+    delegate = _read_delegate(r, meta, path, m, in_delegate=in_delegate)
     name = r.string(m, "name", path) or ""
     matches: list[HttpMatch] = []
     gateway_refs: list[tuple[str, str]] = []
@@ -188,7 +225,9 @@ def _http_route(r: Reader, meta: Meta, index: int, path: str, item: object) -> R
     rewrite = _rewrite(r, path, m)
     headers = _headers(r, m, "headers", path)
     has_route = m.get("route") is not None
-    if redirect is not None or m.get("redirect") is not None:
+    if delegate is not None:
+        pass  # a root route: checked by _read_delegate
+    elif redirect is not None or m.get("redirect") is not None:
         if has_route:
             r.error(path, "HTTP route cannot contain both route and redirect")
         if m.get("directResponse") is not None:
@@ -198,7 +237,7 @@ def _http_route(r: Reader, meta: Meta, index: int, path: str, item: object) -> R
     elif m.get("directResponse") is not None:
         if has_route:
             r.error(path, "HTTP route cannot contain both route and directResponse")
-    elif not has_route and m.get("delegate") is None:
+    elif not has_route:
         r.error(path, "HTTP route, redirect or direct response is required")
     _check_authority_once(r, path, rewrite, headers)
     timeout = r.duration(m, "timeout", path)
@@ -216,7 +255,13 @@ def _http_route(r: Reader, meta: Meta, index: int, path: str, item: object) -> R
         headers=headers,
     )
     return RawRoute(
-        path, route, tuple(destinations), tuple(gateway_refs), retries_set, ignore_previous
+        path,
+        route,
+        tuple(destinations),
+        tuple(gateway_refs),
+        retries_set,
+        ignore_previous,
+        delegate,
     )
 
 

@@ -56,6 +56,7 @@ from proxy.dispatch import Dispatcher
 from proxy.exchange import ServerSettings
 from proxy.http1 import serve
 from proxy.istio import load_config
+from proxy.istio_visibility import DEFAULT_GATEWAY_NAMESPACE
 from proxy.listener import Connections
 from proxy.runtime import ClusterRuntime, Runtime, RuntimeRef, build_runtime
 from proxy.tls import DownstreamHandshake, TlsListener, listener_context
@@ -94,6 +95,7 @@ class RunOptions:
     access_log_stream: TextIO | None = field(default=None, compare=False, repr=False)
     config_paths: tuple[str, ...] = ()
     credentials: str | None = None  # --credentials: where credentialName is looked up
+    namespace: str = DEFAULT_GATEWAY_NAMESPACE  # --namespace: the gateway's, for exportTo
     watch: float | None = None  # poll the config files every this many seconds
     worker: int = 0  # index among --workers (0 counts control-plane events)
     ready_fd: int | None = None  # a worker writes b"ready\n" here once it serves
@@ -412,7 +414,7 @@ class Proxy:
                     log.info("reload: port %d TLS %s", port, line)
 
     def _load_runtime(self, paths: Sequence[str]) -> tuple[Config, Runtime]:
-        config = load_config(list(paths), self.options.credentials)
+        config = load_config(list(paths), self.options.credentials, self.options.namespace)
         problem = self._unreloadable(config)
         if problem:
             raise ConfigError([problem])

@@ -14,8 +14,8 @@ whole with a warning (``tls``/``tcp`` routes with TLSRoute, TCPRoute, RouteDesti
 L4MatchAttributes, TLSMatchAttributes; ``fault``, ``mirror``/``mirrors`` with Percent,
 ``corsPolicy``; ``tunnel``, ``proxyProtocol``, ``retryBudget``; ``localityLbSetting``,
 ``zoneAwareLbSetting``, ``warmup``; ``http2KeepAlive``; a DestinationRule's
-``workloadSelector``), or are refused as a whole (``delegate``, ``tlsCertificates``, a
-ServiceEntry's ``workloadSelector``).
+``workloadSelector``), or are refused as a whole (``tlsCertificates``, a ServiceEntry's
+``workloadSelector``).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ FIELDS: dict[str, str] = {
     "RegexRewrite": "match rewrite",
     "HTTPRetry": "attempts perTryTimeout retryOn retryRemoteLocalities retryIgnorePreviousHosts "
     "backoff",
+    "Delegate": "name namespace",
     # networking/v1alpha3/destination_rule.proto
     "DestinationRule": "host trafficPolicy subsets exportTo workloadSelector",
     "TrafficPolicy": "loadBalancer connectionPool outlierDetection tls portLevelSettings tunnel "
@@ -113,6 +114,14 @@ spec:
     rewrite: {uriRegexRewrite: {}}
     retries: {}
 """
+_DELEGATING = """
+kind: VirtualService
+spec:
+  hosts: [app.test]
+  gateways: [gw]
+  http:
+  - delegate: {}
+"""
 _POLICY = """
 loadBalancer:
   consistentHash: {ringHash: {}, maglev: {}, httpCookie: {attributes: [{}]}}
@@ -162,6 +171,7 @@ PLACES: dict[str, tuple[str, tuple[str | int, ...]]] = {
     "HTTPRewrite": (_VIRTUAL_SERVICE, ("spec", "http", 0, "rewrite")),
     "RegexRewrite": (_VIRTUAL_SERVICE, ("spec", "http", 0, "rewrite", "uriRegexRewrite")),
     "HTTPRetry": (_VIRTUAL_SERVICE, ("spec", "http", 0, "retries")),
+    "Delegate": (_DELEGATING, ("spec", "http", 0, "delegate")),
     "DestinationRule": (_DESTINATION_RULE, ("spec",)),
     "TrafficPolicy": (_DESTINATION_RULE, ("spec", "trafficPolicy")),
     "TrafficPolicy.PortTrafficPolicy": (

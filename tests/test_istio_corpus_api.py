@@ -30,8 +30,8 @@ EXPECTED_FAILURES: dict[str, str] = {
     "gateway-5.yaml": "cannot load alone: credentialName tls-cert names a Secret not in the "
     "example",
     "virtual_service-5.yaml": "Kubernetes rejects namespaces nsA and nsB (a namespace name is "
-    "lowercase); cannot load alone: Gateway mygateway is in no example; fixed by istio-ns: "
-    "delegate VirtualServices; fixed by istio-skip: the uppercase hosts *.nsA.svc.cluster.local",
+    "lowercase); cannot load alone: Gateway mygateway is in no example; fixed by istio-skip: "
+    "the uppercase hosts *.nsA.svc.cluster.local",
     "virtual_service-6.yaml": _MESH_SUBSETS,
     "virtual_service-7.yaml": "cannot load alone: Gateway mygateway is in no example; fixed by "
     "istio-skip: the tls-only VirtualService",

@@ -175,7 +175,10 @@ CASES = {
         VS(R + "\n  rewrite: {authority: a.test}\n  headers: {request: {set: {host: b.test}}}"),
     ],
     "header_op_colon": [GW, VS(R + "\n  headers: {request: {set: {':path': /x}}}")],
-    "delegate": [GW, VS("- delegate: {name: other}")],
+    "delegate": [
+        GW,
+        VS("- name: r1\n  delegate: {name: other}\n  route: [{destination: {host: svc}}]"),
+    ],
     "status_range": [GW, VS("- directResponse: {status: 700}")],
     "pls_no_port": [DR("trafficPolicy: {portLevelSettings: [{loadBalancer: {simple: RANDOM}}]}")],
     "passthrough": [DR("trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}")],
@@ -350,7 +353,7 @@ EXPECTED: dict[str, list[str]] = {
         't.yaml[2]: VirtualService test-vs: spec.http[0].headers.request.set[":path"]: invalid header ":path": header cannot have ":" prefix',
     ],
     "delegate": [
-        "t.yaml[2]: VirtualService test-vs: spec.http[0].delegate: delegate VirtualServices are not supported by sticky-proxy (inline the delegate's routes)",
+        "t.yaml[2]: VirtualService test-vs: spec.http[0]: root HTTP route r1 must not specify route",
     ],
     "status_range": [
         "t.yaml[2]: VirtualService test-vs: spec.http[0].directResponse.status: HTTP status 700 is not in range 200-599",
