@@ -12,7 +12,7 @@ Theory
   clients Envoy refuses (``subjectAltNames``, ``verifyCertificateSpki``/``Hash``, ``caCrl``) are
   errors, not warnings.
 * **DestinationRule** ``trafficPolicy.tls`` (``ClientTLSSettings``): SIMPLE and MUTUAL; DISABLE
-  is no TLS; ISTIO_MUTUAL is an error (the same mesh identity). Istio's
+  is no TLS; ISTIO_MUTUAL (the same mesh identity) is plain HTTP with a warning. Istio's
   ``ValidateTLSSettings`` rules apply; a ServiceEntry's ``subjectAltNames`` stand in for a rule
   without SANs (``constructUpstreamTLS``).
 * **Certificates** are read when the configuration loads, so ``check`` reports what ``run``
@@ -198,10 +198,15 @@ def read_client_tls(r: Reader, tls: Mapping[str, object], path: str) -> ClientTl
     """A traffic policy's ``tls`` (fields checked), or None: DISABLE, or invalid."""
     mode = r.enum(tls, "mode", path, _CLIENT_MODES) or "DISABLE"
     if mode == "ISTIO_MUTUAL":
-        r.error(
+        # Istio accepts it, and folders written for a mesh carry it (bookinfo's
+        # destination-rule-all-mtls.yaml). Pods without a sidecar, or with PERMISSIVE mTLS
+        # (Istio's default), take plain HTTP, so the rule still serves; STRICT ones refuse the
+        # connection, which the 503's reset reason then shows. Loud, not silent: a warning.
+        r.warn(
             join_path(path, "mode"),
-            f"{_MESH_IDENTITY}: use MUTUAL with clientCertificate, privateKey and "
-            "caCertificates (or a credentialName), or SIMPLE",
+            f"{_MESH_IDENTITY}, so connections to these pods are plain HTTP (pods without a "
+            "sidecar or with PERMISSIVE mTLS accept it); for TLS use MUTUAL with "
+            "clientCertificate, privateKey and caCertificates (or a credentialName), or SIMPLE",
         )
         return None
     if tls.get("caCrl"):

@@ -50,8 +50,6 @@ EXPECTED_FAILURES: dict[str, str] = {
     "destination_rule-4.yaml": "cannot load alone: credentialName client-credential names a "
     "Secret not in the example",
     "destination_rule-10.yaml": _CERT_FILES,
-    "destination_rule-12.yaml": "sticky-proxy refuses ISTIO_MUTUAL by design: it has no mesh "
-    "identity (istiod's workload certificates)",
     "service_entry-2.yaml": _CERT_FILES,
     "service_entry-3.yaml": "fixed by istio-skip: resolution NONE and the tls-only VirtualService",
     "service_entry-4.yaml": "the doc's VirtualService (namespace egress) names gateway "

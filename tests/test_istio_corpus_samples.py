@@ -28,10 +28,6 @@ _MESH_SUBSETS = (
 
 # file (relative to CORPUS) -> "<helper that fixes it>: <why it fails today>"
 EXPECTED_FAILURES: dict[str, str] = {
-    "bookinfo/networking/destination-rule-all-mtls.yaml": (
-        "design decision: ISTIO_MUTUAL is an error (proxy.istio_tls: sticky-proxy has no mesh "
-        "certificates); Istio accepts it, a warning + plain connection would serve it"
-    ),
     "bookinfo/networking/virtual-service-all-v1.yaml": _MESH_SUBSETS,
     "bookinfo/networking/virtual-service-details-v2.yaml": _MESH_SUBSETS,
     "bookinfo/networking/virtual-service-ratings-db.yaml": _MESH_SUBSETS,
