@@ -545,14 +545,11 @@ def _check(
     credentials: str | None = None,
     namespace: str = DEFAULT_GATEWAY_NAMESPACE,
 ) -> int:
-    from proxy.istio_tls import tls_lint
     from proxy.served import served_lines, unserved_lines
 
     config = _load(paths, credentials, namespace)
     if config is None or _serves_nothing(config):
         return EXIT_CONFIG
-    for line in tls_lint(config):
-        print(f"warning: {line}", file=sys.stderr)
     ports = ", ".join(str(listener.port) for listener in config.listeners) or "none"
     print(
         f"ok: {len(config.sources)} file(s), listeners on port(s) {ports}, "

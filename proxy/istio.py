@@ -47,6 +47,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from types import MappingProxyType
 
 import yaml
@@ -56,6 +57,7 @@ from proxy.istio_compile import Compiler, Parsed
 from proxy.istio_delegate import merge_delegates
 from proxy.istio_dr import read_destination_rule, read_service_entry
 from proxy.istio_gateway import read_gateway
+from proxy.istio_lint import lint
 from proxy.istio_names import (
     CLUSTER_DOMAIN,
     HEALTH_CHECK_ANNOTATION,
@@ -429,16 +431,17 @@ def compile_resources(
     listeners = compiler.listeners()
     compiler.build_clusters(listeners, virtual_services)
     errors = _grouped(dict.fromkeys(issues.errors), order)
-    warnings = _grouped(dict.fromkeys(issues.warnings), order)
     if errors:
-        raise ConfigError(errors, warnings)
-    return Config(
+        raise ConfigError(errors, _grouped(dict.fromkeys(issues.warnings), order))
+    config = Config(
         listeners=tuple(listeners),
         clusters=MappingProxyType(dict(compiler.clusters)),
         gateways=tuple(gw for gw, _ in parsed.gateways),
         virtual_services=tuple(virtual_services),
         service_ports=MappingProxyType(dict(compiler.service_ports)),
         sources=tuple(sources),
-        warnings=tuple(warnings),
         tls_files=tuple(dict.fromkeys(compiler.credentials.files)),
     )
+    # Sticky-session pitfalls (proxy.istio_lint), among the other warnings of their document.
+    found = [*issues.warnings, *lint(config, parsed.destination_rules)]
+    return replace(config, warnings=tuple(_grouped(dict.fromkeys(found), order)))

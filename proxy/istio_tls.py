@@ -12,7 +12,7 @@ Theory
   clients Envoy refuses (``subjectAltNames``, ``verifyCertificateSpki``/``Hash``, ``caCrl``) are
   errors, not warnings.
 * **DestinationRule** ``trafficPolicy.tls`` (``ClientTLSSettings``): SIMPLE and MUTUAL; DISABLE
-  is no TLS; ISTIO_MUTUAL is an error (the same mesh identity). Istio's
+  is no TLS; ISTIO_MUTUAL (the same mesh identity) is plain HTTP with a warning. Istio's
   ``ValidateTLSSettings`` rules apply; a ServiceEntry's ``subjectAltNames`` stand in for a rule
   without SANs (``constructUpstreamTLS``).
 * **Certificates** are read when the configuration loads, so ``check`` reports what ``run``
@@ -28,7 +28,7 @@ Theory
   must agree on what OpenSSL fixes before the SNI is known (mode, versions, ciphers), and a
   port is HTTPS or HTTP, not both.
 
-``tls_lint`` is ``check``'s advice for HTTPS: a generated cookie without ``Secure``.
+A cookie generated on HTTPS without ``Secure`` is linted by ``proxy.istio_lint``.
 """
 
 from __future__ import annotations
@@ -36,20 +36,17 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from proxy.affinity import CookiePolicy
 from proxy.config import (
     TLS_VERSIONS,
     Certificate,
     ClientTls,
-    Config,
     GatewayServer,
     GatewaySpec,
     ServerTls,
     TrustBundle,
-    host_subset_of,
 )
 from proxy.istio_names import NOT_SUPPORTED, Meta, words
 from proxy.istio_reader import Reader, join_path, type_name
@@ -201,10 +198,15 @@ def read_client_tls(r: Reader, tls: Mapping[str, object], path: str) -> ClientTl
     """A traffic policy's ``tls`` (fields checked), or None: DISABLE, or invalid."""
     mode = r.enum(tls, "mode", path, _CLIENT_MODES) or "DISABLE"
     if mode == "ISTIO_MUTUAL":
-        r.error(
+        # Istio accepts it, and folders written for a mesh carry it (bookinfo's
+        # destination-rule-all-mtls.yaml). Pods without a sidecar, or with PERMISSIVE mTLS
+        # (Istio's default), take plain HTTP, so the rule still serves; STRICT ones refuse the
+        # connection, which the 503's reset reason then shows. Loud, not silent: a warning.
+        r.warn(
             join_path(path, "mode"),
-            f"{_MESH_IDENTITY}: use MUTUAL with clientCertificate, privateKey and "
-            "caCertificates (or a credentialName), or SIMPLE",
+            f"{_MESH_IDENTITY}, so connections to these pods are plain HTTP (pods without a "
+            "sidecar or with PERMISSIVE mTLS accept it); for TLS use MUTUAL with "
+            "clientCertificate, privateKey and caCertificates (or a credentialName), or SIMPLE",
         )
         return None
     if tls.get("caCrl"):
@@ -604,56 +606,3 @@ _SHARED = ("mode", "minProtocolVersion", "maxProtocolVersion", "cipherSuites")
 
 def _shared(tls: ServerTls) -> tuple[object, ...]:
     return (tls.mode, tls.min_version, tls.max_version, tls.cipher_suites)
-
-
-# --------------------------------------------------------------------------- check's advice
-
-
-def tls_lint(config: Config) -> list[str]:
-    """``check``'s advice: a cookie generated on an HTTPS server without ``Secure``.
-
-    Istio sets exactly the attributes given (so does sticky-proxy): without ``Secure`` a browser
-    also sends the session cookie over plain HTTP, e.g. to the port that redirects to HTTPS.
-    """
-    out: list[str] = []
-    for vs in config.virtual_services:
-        servers = list(_https_servers_of(config, vs.gateways, vs.hosts, vs.namespace))
-        if not servers:
-            continue
-        seen: set[str] = set()
-        for route in vs.http:
-            for dest in route.route:
-                for policy in dest.hash_policies:
-                    if not isinstance(policy, CookiePolicy) or policy.ttl is None:
-                        continue
-                    if any(a.name.lower() == "secure" for a in policy.attributes):
-                        continue
-                    if policy.name in seen:
-                        continue
-                    seen.add(policy.name)
-                    where = ", ".join(servers)
-                    out.append(
-                        f"{vs.source}: VirtualService {vs.key}: the cookie {policy.name} its "
-                        f"DestinationRule generates is served on HTTPS ({where}) without the "
-                        "Secure attribute (Istio adds none either); add "
-                        "`attributes: [{name: Secure}]` to httpCookie to keep it off plain HTTP"
-                    )
-    return out
-
-
-def _https_servers_of(
-    config: Config, gateways: Iterable[str], hosts: Sequence[str], namespace: str
-) -> Iterator[str]:
-    bound = set(gateways)
-    for gw in config.gateways:
-        if gw.key not in bound:
-            continue
-        for server in gw.servers:
-            if server.tls is None or not server.served:
-                continue
-            if any(
-                sh.namespace in ("*", namespace)
-                and any(host_subset_of(sh.host, h) or host_subset_of(h, sh.host) for h in hosts)
-                for sh in server.hosts
-            ):
-                yield f"Gateway {gw.key} server {server.port_name} port {server.port}"

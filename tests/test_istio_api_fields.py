@@ -339,7 +339,8 @@ spec:
       simple: ROUND_ROBIN
       zoneAwareLbSetting: {enabled: true, failover: [{from: us-east, to: eu-west}]}
     connectionPool: {http: {http2KeepAlive: {interval: 30s, timeout: 5s}}}
-    outlierDetection: {consecutive5xxErrors: 5, outlierDetectionHttpErrorCodes: [503, 504]}
+    outlierDetection: {consecutive5xxErrors: 5, outlierDetectionHttpErrorCodes: [503, 504],
+      maxEjectionPercent: 100}
 """
 
 

@@ -35,8 +35,6 @@ EXPECTED_FAILURES: dict[str, str] = {
     "destination_rule-4.yaml": "cannot load alone: credentialName client-credential names a "
     "Secret not in the example",
     "destination_rule-10.yaml": _CERT_FILES,
-    "destination_rule-12.yaml": "sticky-proxy refuses ISTIO_MUTUAL by design: it has no mesh "
-    "identity (istiod's workload certificates)",
     "service_entry-2.yaml": _CERT_FILES,
     "service_entry-4.yaml": "the doc's VirtualService (namespace egress) names gateway "
     "istio-egressgateway, that is egress/istio-egressgateway, but its Gateway is in "

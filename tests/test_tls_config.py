@@ -327,14 +327,17 @@ def test_destination_rule_tls_reaches_the_cluster(ca: CA) -> None:
     assert tls_spec.ca.source == str(ca.path)
 
 
+def test_istio_mutual_in_a_destination_rule_is_plain_http_with_a_warning() -> None:
+    """Istio accepts it and mesh folders carry it; with no mesh identity to present, the
+    connection stays plain (what a sidecar-less or PERMISSIVE pod takes), and says so."""
+    config = load_text("\n---\n".join([PLAIN_GATEWAY, ROUTES, rule("{mode: ISTIO_MUTUAL}")]))
+    assert config.clusters["outbound|80||pods.local"].tls is None
+    [warning] = [w for w in config.warnings if "ISTIO_MUTUAL" in w]
+    assert warning.startswith("<text>[4]: DestinationRule pods: spec.trafficPolicy.tls.mode: ")
+    assert "connections to these pods are plain HTTP" in warning
+
+
 def test_destination_rule_tls_errors(ca: CA) -> None:
-    errors = errors_of(PLAIN_GATEWAY, ROUTES, rule("{mode: ISTIO_MUTUAL}"))
-    assert errors == [
-        "t.yaml[4]: DestinationRule pods: spec.trafficPolicy.tls.mode: ISTIO_MUTUAL uses the "
-        "mesh's workload certificates, which istiod issues to Istio's own proxies; sticky-proxy "
-        "has no mesh identity: use MUTUAL with clientCertificate, privateKey and caCertificates "
-        "(or a credentialName), or SIMPLE"
-    ]
     errors = errors_of(PLAIN_GATEWAY, ROUTES, rule("{mode: MUTUAL}"))
     assert errors == [
         "t.yaml[4]: DestinationRule pods: spec.trafficPolicy.tls.clientCertificate: client "
