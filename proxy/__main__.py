@@ -405,10 +405,12 @@ def _run(args: RunArgs, parser: argparse.ArgumentParser) -> int:
             listen = (("0.0.0.0", opts.port),)
     else:
         loaded = _load(args.paths, args.credentials, args.namespace)
-        if loaded is None:
+        if loaded is None or _serves_nothing(loaded):
             return EXIT_CONFIG
         config = loaded
     _setup_logging(args.log_level)
+    if args.paths and args.worker is None:
+        _log_served(config)
     try:
         admin = _port(args.admin_port, "--admin-port")
         readiness = _port(args.readiness_port, "--readiness-port")
@@ -514,19 +516,49 @@ def _load(
     return config
 
 
+def _serves_nothing(config: Config) -> bool:
+    """True (and why printed) when the config gives no request to serve: a mistake to report,
+    not a proxy to start that answers nothing."""
+    from proxy.served import nothing_served, unserved_lines
+
+    why = nothing_served(config)
+    if why is None:
+        return False
+    print(f"nothing to serve: {why}", file=sys.stderr)
+    for line in unserved_lines(config):
+        print(f"not served: {line}", file=sys.stderr)
+    return True
+
+
+def _log_served(config: Config) -> None:
+    from proxy.served import served_lines, unserved_lines
+
+    log = logging.getLogger("proxy.served")
+    for line in served_lines(config):
+        log.info("serves: %s", line)
+    for line in unserved_lines(config):
+        log.info("not served: %s", line)
+
+
 def _check(
     paths: Sequence[str],
     credentials: str | None = None,
     namespace: str = DEFAULT_GATEWAY_NAMESPACE,
 ) -> int:
+    from proxy.served import served_lines, unserved_lines
+
     config = _load(paths, credentials, namespace)
-    if config is None:
+    if config is None or _serves_nothing(config):
         return EXIT_CONFIG
     ports = ", ".join(str(listener.port) for listener in config.listeners) or "none"
     print(
         f"ok: {len(config.sources)} file(s), listeners on port(s) {ports}, "
         f"{len(config.virtual_services)} VirtualService(s), {len(config.clusters)} cluster(s)"
     )
+    for line in served_lines(config):
+        print(f"serves: {line}")
+    for line in unserved_lines(config):
+        print(f"not served: {line}")
     return EXIT_OK
 
 
@@ -554,7 +586,8 @@ def _route(args: argparse.Namespace) -> int:
     from proxy.routing import Router
 
     config = _load(args.paths, args.credentials, args.namespace)
-    if config is None:
+    # No listener: no port to route on, say why. A listener without routes answers 404 (exit 1).
+    if config is None or (not config.listeners and _serves_nothing(config)):
         return EXIT_CONFIG
     headers = _pairs(args.header, ":", "--header")
     cookies = _pairs(args.cookie, "=", "--cookie")

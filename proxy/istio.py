@@ -34,7 +34,7 @@ its host ports, the address dialled and session labels (``proxy.istio_service``)
 
 Strictness: unknown fields, wrong types, bad durations (Go ``time.ParseDuration`` syntax: Istio
 decodes specs with the legacy ``golang/protobuf/jsonpb``, whose Duration parser it is), missing
-required fields, non-prime Maglev sizes and references to missing gateways or subsets are errors
+required fields, non-prime Maglev sizes and references to missing gateways are errors
 naming the file, resource and YAML path. Istio fields that sticky-proxy does not act on (fault,
 mirror, corsPolicy, tls origination, ...) are accepted with a warning. Ordering: resources apply in
 the order they are read (files in the order given, a folder's ``*.yaml``/``*.yml`` by name,

@@ -4,7 +4,9 @@ Theory
 ------
 It runs once every document has been parsed, so a reference may name a resource read later: it
 checks the Gateways named by VirtualServices and their matches and the subsets named by
-destinations, and reports a host claimed by two ServiceEntries (the first keeps it).  Listeners: one
+destinations (a subset no DestinationRule defines is a warning: Istio accepts it and answers 503;
+a mesh-only VirtualService, not used here, is not checked), and reports a host claimed by two
+ServiceEntries (the first keeps it).  Listeners: one
 per port, the servers of every Gateway on that port together (they must agree on the bind address).
 Clusters: one per destination reachable through a listener, and per port (and subset) of every
 ServiceEntry host.
@@ -186,15 +188,19 @@ class Compiler:
     def virtual_services(self) -> list[VirtualServiceSpec]:
         out: list[VirtualServiceSpec] = []
         for vs in self.parsed.virtual_services:
+            gateways = tuple(g for _, g in vs.gateways) or (MESH_GATEWAY,)
+            # A VirtualService of the mesh only is not used here: its references are not
+            # checked (Istio's validation checks none; a sidecar would resolve them).
+            used = any(g != MESH_GATEWAY for g in gateways)
             for path, ref in vs.gateways:
                 self._check_gateway_ref(vs.reader, path, ref)
             routes = []
             for raw in vs.routes:
-                for path, ref in raw.match_gateway_paths:
-                    self._check_gateway_ref(raw.reader or vs.reader, path, ref)
-                routes.append(self._route(vs, raw))
-            gateways = tuple(g for _, g in vs.gateways) or (MESH_GATEWAY,)
-            if gateways == (MESH_GATEWAY,):
+                if used:
+                    for path, ref in raw.match_gateway_paths:
+                        self._check_gateway_ref(raw.reader or vs.reader, path, ref)
+                routes.append(self._route(vs, raw, check=used))
+            if not used:
                 vs.reader.warn(
                     "spec.gateways",
                     "bound to the mesh only (no gateways): "
@@ -219,10 +225,11 @@ class Compiler:
             return
         r.error(path, f"Gateway {ref} not found{did_you_mean(ref, self.gateways)}")
 
-    def _route(self, vs: ParsedVirtualService, raw: RawRoute) -> HttpRoute:
+    def _route(self, vs: ParsedVirtualService, raw: RawRoute, *, check: bool) -> HttpRoute:
         destinations: list[RouteDestination] = []
         for d in raw.destinations:
-            self._check_subset(raw.reader or vs.reader, d)
+            if check:
+                self._check_subset(raw.reader or vs.reader, d)
             rule = rule_for(d.destination.host, self.rules)
             destinations.append(
                 RouteDestination(
@@ -241,21 +248,26 @@ class Compiler:
         return replace(raw.route, route=tuple(destinations), retries=retries)
 
     def _check_subset(self, r: Reader, d: RawDestination) -> None:
+        """A subset no DestinationRule defines: Istio accepts it and Envoy finds no cluster for
+        it, answering 503; sticky-proxy builds no cluster either (``_cluster``) and warns."""
         subset = d.destination.subset
         if subset is None:
             return
         rule = rule_for(d.destination.host, self.rules)
         path = join_path(join_path(d.path, "destination"), "subset")
+        outcome = "requests to this destination get 503 (no such cluster)"
         if rule is None:
-            r.error(
-                path, f"subset {subset} not found: no DestinationRule for host {d.destination.host}"
+            r.warn(
+                path,
+                f"subset {subset} not found: no DestinationRule for host "
+                f"{d.destination.host}; {outcome}",
             )
         elif subset not in rule.subsets:
             known = ", ".join(rule.subsets) or "none"
-            r.error(
+            r.warn(
                 path,
                 f"subset {subset} not found in DestinationRule {rule.names[0]} "
-                f"(subsets: {known}){did_you_mean(subset, rule.subsets)}",
+                f"(subsets: {known}){did_you_mean(subset, rule.subsets)}; {outcome}",
             )
 
     # ---- listeners
@@ -390,10 +402,11 @@ class Compiler:
             )
             return
         if se is None and (svc is None or not svc.ports) and dest.port is None:
+            # One text for every listener, so it is printed once (no port number in it).
             r.warn(
                 join_path(dpath, "port"),
-                f"not set and host {dest.host} has no "
-                f"ServiceEntry: Istio's fallback, the listener port {listener_port}, is used",
+                f"not set and host {dest.host} has no ServiceEntry: Istio's fallback, the "
+                "Gateway port the request came in on, is used",
             )
         self._cluster(dest.host, port, dest.subset)
 

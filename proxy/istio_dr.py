@@ -15,8 +15,10 @@ Theory
   outlierDetection, tls).  No DestinationRule, or no loadBalancer: LEAST_REQUEST.
 
 A ServiceEntry names hosts, ports (unique names and numbers) and, for ``resolution: STATIC``, IP
-endpoints or, for ``DNS``, names to resolve; NONE (original-destination passthrough) and
-DNS_ROUND_ROBIN are not supported.  How endpoints become a cluster's members is
+endpoints or, for ``DNS``, names to resolve.  One with resolution NONE (original-destination
+passthrough, the default), DNS_ROUND_ROBIN or a ``workloadSelector`` is skipped with a warning
+(its hosts then resolve by DNS like any host without one), so is a ``unix://`` endpoint.  Host
+names are lowercased.  How endpoints become a cluster's members is
 ``proxy.istio_compile``'s part.  The traffic policy of one level is parsed by
 ``proxy.istio_policy``.
 """
@@ -79,6 +81,7 @@ def read_destination_rule(r: Reader, meta: Meta, spec: object) -> ParsedDestinat
         return None
     host = r.string(s, "host", "spec", required=True)
     if host is not None:
+        host = host.lower()  # DNS names compare case-insensitively, as VirtualService hosts do
         problem = None if is_ip(host) else wildcard_domain_problem(host)
         if problem is not None:
             r.error("spec.host", problem)
@@ -289,13 +292,11 @@ def read_service_entry(r: Reader, meta: Meta, spec: object) -> ParsedServiceEntr
     )
     if s is None:
         return None
-    if s.get("workloadSelector") is not None:
-        r.error(
-            "spec.workloadSelector",
-            f"WorkloadEntry selection is {NOT_SUPPORTED}; list the endpoints in spec.endpoints",
-        )
+    if s.get("workloadSelector") is not None and s.get("endpoints") is not None:
+        r.error("spec", "only one of WorkloadSelector or Endpoints is allowed in Service Entry")
     hosts: list[str] = []
-    for path, host in r.string_list(s, "hosts", "spec", required=True):
+    for path, raw_host in r.string_list(s, "hosts", "spec", required=True):
+        host = raw_host.lower()  # DNS names compare case-insensitively; Istio's own are lowered
         if host == "*":
             r.error(path, "invalid host *")
             continue
@@ -323,34 +324,70 @@ def read_service_entry(r: Reader, meta: Meta, spec: object) -> ParsedServiceEntr
             r.error(join_path(path, "number"), f"service entry port {number} already defined")
         ports.append(ServicePort(number, name, protocol, target))
     resolution = r.enum(s, "resolution", "spec", _RESOLUTIONS) or "NONE"
-    if s.get("resolution") is None:
+    if resolution == "NONE" and s.get("endpoints"):
+        r.error("spec.endpoints", "no endpoints should be provided for resolution type none")
+    listed = s.get("endpoints")
+    if resolution == "DNS_ROUND_ROBIN" and isinstance(listed, list) and len(listed) > 1:
         r.error(
-            "spec.resolution",
-            "NONE (the default) means original-destination passthrough, "
-            f"which is {NOT_SUPPORTED}; use STATIC with endpoints, or DNS",
+            "spec.endpoints", f"there must only be 0 or 1 endpoint for resolution mode {resolution}"
         )
-    elif resolution in ("NONE", "DNS_ROUND_ROBIN"):
-        r.error("spec.resolution", f"{resolution} is {NOT_SUPPORTED}; use STATIC or DNS")
     endpoints: list[WorkloadEntry] = []
     port_names = {p.name for p in ports}
+    sockets: list[str] = []
     for path, raw in r.items(s, "endpoints", "spec"):
-        ep = _workload_entry(r, path, raw, resolution, port_names)
+        ep = _workload_entry(r, path, raw, resolution, port_names, sockets)
         if ep is not None:
             endpoints.append(ep)
-    if resolution == "DNS" and not s.get("endpoints"):
-        for path, host in r.string_list(s, "hosts", "spec"):
+    if resolution in ("DNS", "DNS_ROUND_ROBIN") and not s.get("endpoints"):
+        for path, raw_host in r.string_list(s, "hosts", "spec"):
+            host = raw_host.lower()
             if fqdn_problem(host) is not None and wildcard_domain_problem(host) is None:
                 r.error(
-                    path, "hosts must be FQDN if no endpoints are provided for resolution mode DNS"
+                    path,
+                    "hosts must be FQDN if no endpoints are provided for resolution mode "
+                    f"{resolution}",
                 )
+    skip = _skip_reason(s, resolution, all_sockets=bool(sockets) and not endpoints)
+    if skip is not None:
+        # What Istio accepts loads: the rest of the set is served; a route to one of these
+        # hosts finds no ServiceEntry and resolves the host name by DNS (proxy.istio_compile).
+        r.warn(
+            skip[0],
+            f"{skip[1]}, which is {NOT_SUPPORTED}: ServiceEntry skipped (a route to "
+            f"{', '.join(hosts) or 'its hosts'} resolves the host name by DNS)",
+        )
+        return None
+    for path in sockets:
+        r.warn(path, f"unix domain socket endpoints are {NOT_SUPPORTED}: endpoint skipped")
     if resolution == "STATIC" and not s.get("endpoints"):
         r.warn("spec.endpoints", "STATIC resolution without endpoints: the service has no backends")
     sans = tuple(name for _, name in r.string_list(s, "subjectAltNames", "spec"))
     return ParsedServiceEntry(meta, r, hosts, ports, resolution, endpoints, sans)
 
 
+def _skip_reason(
+    s: Mapping[str, object], resolution: str, *, all_sockets: bool
+) -> tuple[str, str] | None:
+    """(path, why) when sticky-proxy cannot act on this ServiceEntry at all, else None."""
+    if resolution == "NONE":
+        default = " (the default)" if s.get("resolution") is None else ""
+        return "spec.resolution", f"resolution NONE{default} is original-destination passthrough"
+    if resolution == "DNS_ROUND_ROBIN":
+        return "spec.resolution", "resolution DNS_ROUND_ROBIN (one address at a time)"
+    if s.get("workloadSelector") is not None:
+        return "spec.workloadSelector", "it selects WorkloadEntries and pods by labels"
+    if all_sockets:
+        return "spec.endpoints", "its endpoints are all unix domain sockets"
+    return None
+
+
 def _workload_entry(
-    r: Reader, path: str, raw: object, resolution: str, port_names: set[str]
+    r: Reader,
+    path: str,
+    raw: object,
+    resolution: str,
+    port_names: set[str],
+    sockets: list[str],
 ) -> WorkloadEntry | None:
     m = r.mapping(
         raw, path, ("address", "ports", "labels", "weight", "network", "locality", "serviceAccount")
@@ -382,8 +419,13 @@ def _workload_entry(
     weight = r.integer(m, "weight", path, minimum=0, maximum=UINT32_MAX) or 0
     if address is None:
         return None
-    if address.startswith("unix://"):
-        r.error(join_path(path, "address"), f"unix domain socket endpoints are {NOT_SUPPORTED}")
+    if address.startswith("unix://") and resolution == "STATIC":
+        # Istio's validateWorkloadEntry: a socket has no ports; the service has exactly one.
+        if ports_raw is not None:
+            r.error(join_path(path, "ports"), f"unix endpoint {address} must not include ports")
+        if len(port_names) != 1:
+            r.error(path, "exactly 1 service port required for unix endpoints")
+        sockets.append(join_path(path, "address"))  # skipped with a warning by the caller
         return None
     if resolution == "STATIC" and not is_ip(address):
         r.error(
@@ -392,7 +434,7 @@ def _workload_entry(
             "address (STATIC resolution; use DNS resolution for names)",
         )
         return None
-    if resolution == "DNS" and not is_ip(address) and fqdn_problem(address) is not None:
+    if resolution != "STATIC" and not is_ip(address) and fqdn_problem(address) is not None:
         r.error(
             join_path(path, "address"),
             f"endpoint address {address!r} is not a valid FQDN or an IP address",

@@ -144,6 +144,7 @@ def _server_host(r: Reader, path: str, text: str, namespace: str) -> ServerHost 
         ns, host = "*", text
     if ns == ".":
         ns = namespace
+    host = host.lower()  # Istio lowers server hosts into Envoy's domains (gateway.go)
     if ns != "*" and not is_dns1123_label(ns):
         r.error(path, f"namespace {ns!r} in {text!r} must be *, . or a namespace name")
         return None

@@ -19,6 +19,9 @@ one of ``route``, ``redirect`` or ``directResponse``; redirect codes 301 (the de
 * **Delegates.**  A VirtualService without ``hosts`` is a delegate: it names no gateways and its
   routes delegate no further; a route of another VirtualService with ``delegate: {name,
   namespace}`` (and no ``route`` or ``redirect``) takes its routes (``proxy.istio_delegate``).
+
+Hosts are lowercased.  ``tcp`` and ``tls`` routes are not served: beside ``http`` routes they are
+ignored, alone they make the VirtualService skipped (one warning each way).
 """
 
 from __future__ import annotations
@@ -117,12 +120,7 @@ class ParsedVirtualService:
 
 
 def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualService | None:
-    s = r.mapping(
-        spec,
-        "spec",
-        ("hosts", "gateways", "http", "exportTo"),
-        {"tls": f"TLS routes are {NOT_SUPPORTED}", "tcp": f"TCP routes are {NOT_SUPPORTED}"},
-    )
+    s = r.mapping(spec, "spec", ("hosts", "gateways", "http", "tcp", "tls", "exportTo"))
     if s is None:
         return None
     gateways = [
@@ -137,7 +135,8 @@ def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualSe
     delegate = not s.get("hosts")
     if delegate and isinstance(spec, dict):
         _check_delegate(r, spec)
-    for p, host in raw_hosts:
+    for p, raw_host in raw_hosts:
+        host = raw_host.lower()  # Istio lowers VirtualService hosts (route.go, gateway.go)
         problem = None if host == "*" or is_ip(host) else wildcard_domain_problem(host)
         if problem is not None:
             r.error(p, problem)
@@ -159,9 +158,28 @@ def read_virtual_service(r: Reader, meta: Meta, spec: object) -> ParsedVirtualSe
         route = _http_route(r, meta, index, path, item, in_delegate=delegate)
         if route is not None:
             routes.append(route)
-    if s.get("http") is None and s.get("tls") is None and s.get("tcp") is None:
+    if not s.get("http") and not s.get("tls") and not s.get("tcp"):
+        # Istio's validation rejects only a VirtualService with no route of any kind.
         r.error("spec", "http, tcp or tls must be provided in virtual service")
+    elif not _served_routes(r, s):
+        return None
     return ParsedVirtualService(meta, r, hosts, gateways, routes, delegate)
+
+
+def _served_routes(r: Reader, s: Mapping[str, object]) -> bool:
+    """Warn once about the TCP and TLS routes; False when the VirtualService has nothing else."""
+    kinds = [kind for kind in ("tcp", "tls") if s.get(kind)]
+    if s.get("http"):
+        for kind in kinds:
+            r.warn(join_path("spec", kind), f"ignored: {kind.upper()} routes are {NOT_SUPPORTED}")
+        return True
+    names = " and ".join(kind.upper() for kind in kinds)
+    r.warn(
+        "spec",
+        f"{names} routes only ({', '.join(f'spec.{k}' for k in kinds)}), which sticky-proxy "
+        "does not serve (HTTP routes only): VirtualService skipped",
+    )
+    return False
 
 
 def _check_delegate(r: Reader, s: Mapping[object, object]) -> None:
@@ -295,6 +313,7 @@ def _destination(r: Reader, meta: Meta, path: str, m: Mapping[str, object]) -> D
     port = r.port(port_obj, "number", join_path(dpath, "port"), required=True) if port_obj else None
     if host is None:
         return None
+    host = host.lower()  # DNS names compare case-insensitively, as VirtualService hosts do
     if host == "*":
         r.error(join_path(dpath, "host"), "invalid destination host *")
         return None

@@ -43,7 +43,10 @@ def write(tmp_path: Path, name: str, text: str) -> str:
 def test_check_accepts_the_article_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(CONFIG)]) == 0
     out, err = capsys.readouterr()
-    assert out == "ok: 2 file(s), listeners on port(s) 80, 1 VirtualService(s), 1 cluster(s)\n"
+    assert out == (
+        "ok: 2 file(s), listeners on port(s) 80, 1 VirtualService(s), 1 cluster(s)\n"
+        "serves: port 80 (HTTP) host test.com -> default/test-vs\n"
+    )
     assert [line.split(": ")[3] for line in err.splitlines()] == [
         "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie",
         "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl",

@@ -895,8 +895,8 @@ def test_destination_without_port_falls_back_to_the_listener_port() -> None:
     assert list(config.clusters) == [f"outbound|80||{SVC_FQDN}"]
     assert config.warnings == (
         "t.yaml[2]: VirtualService vs: spec.http[0].route[0].destination.port: not set and host "
-        "svc.default.svc.cluster.local has no ServiceEntry: Istio's fallback, the listener port "
-        "80, is used",
+        "svc.default.svc.cluster.local has no ServiceEntry: Istio's fallback, the Gateway port "
+        "the request came in on, is used",
     )
 
 

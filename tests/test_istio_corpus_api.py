@@ -19,48 +19,27 @@ from proxy.istio import load_config
 CORPUS = Path(__file__).resolve().parent / "istio_corpus" / "istio-api"
 
 _CERT_FILES = "cannot load alone: names certificate files under /etc/certs/ (not in the corpus)"
-_MESH_SUBSETS = (
-    "fixed by istio-skip: a mesh-only VirtualService whose subsets have no DestinationRule "
-    "in the example"
-)
 
 EXPECTED_FAILURES: dict[str, str] = {
-    "gateway-1.yaml": f"{_CERT_FILES}, and Secret bookinfo-secret is not in it; "
-    "fixed by istio-skip: the tcp-only VirtualService bookinfo-mongo",
+    "gateway-1.yaml": f"{_CERT_FILES}, and Secret bookinfo-secret is not in it",
     "gateway-5.yaml": "cannot load alone: credentialName tls-cert names a Secret not in the "
     "example",
     "virtual_service-5.yaml": "Kubernetes rejects namespaces nsA and nsB (a namespace name is "
-    "lowercase); cannot load alone: Gateway mygateway is in no example; fixed by istio-skip: "
-    "the uppercase hosts *.nsA.svc.cluster.local",
-    "virtual_service-6.yaml": _MESH_SUBSETS,
-    "virtual_service-7.yaml": "cannot load alone: Gateway mygateway is in no example; fixed by "
-    "istio-skip: the tls-only VirtualService",
-    "virtual_service-8.yaml": "fixed by istio-skip: a tcp-only VirtualService",
+    "lowercase); cannot load alone: Gateway mygateway is in no example",
     "virtual_service-12.yaml": "not YAML: the doc elides the rest of the spec with '...'",
     "virtual_service-13.yaml": "Kubernetes rejects it: the doc writes the proto name "
     "prefix_rewrite, the CRD's field is prefixRewrite (unknown field under strict validation)",
     "virtual_service-14.yaml": "not YAML: the doc elides the rest of the spec with '...'",
     "virtual_service-15.yaml": "not YAML: the doc elides the rest of the spec with '...'",
     "virtual_service-16.yaml": "not YAML: the doc elides the rest of the spec with '...'",
-    "virtual_service-17.yaml": _MESH_SUBSETS,
-    "virtual_service-18.yaml": _MESH_SUBSETS,
-    "virtual_service-19.yaml": _MESH_SUBSETS,
-    "virtual_service-20.yaml": _MESH_SUBSETS,
-    "virtual_service-21.yaml": _MESH_SUBSETS,
     "destination_rule-4.yaml": "cannot load alone: credentialName client-credential names a "
     "Secret not in the example",
     "destination_rule-10.yaml": _CERT_FILES,
     "service_entry-2.yaml": _CERT_FILES,
-    "service_entry-3.yaml": "fixed by istio-skip: resolution NONE and the tls-only VirtualService",
     "service_entry-4.yaml": "the doc's VirtualService (namespace egress) names gateway "
     "istio-egressgateway, that is egress/istio-egressgateway, but its Gateway is in "
     "istio-system: Istio binds nothing to it (istioctl analyze: IST0101 "
     "ReferencedResourceNotFound)",
-    "service_entry-5.yaml": "fixed by istio-skip: resolution NONE",
-    "service_entry-6.yaml": "sticky-proxy refuses unix domain socket endpoints by design "
-    "(it connects over TCP)",
-    "service_entry-9.yaml": "sticky-proxy refuses workloadSelector by design: it does not read "
-    "WorkloadEntry resources, so the service would have no endpoints",
 }
 
 FILES = sorted(p.name for p in CORPUS.glob("*.yaml"))

@@ -20,40 +20,11 @@ CORPUS = Path(__file__).resolve().parent / "istio_corpus" / "istio-samples"
 BOOKINFO = CORPUS / "bookinfo"
 FILES = sorted(str(p.relative_to(CORPUS)) for p in CORPUS.rglob("*.y*ml"))
 
-_SKIP = "istio-skip: "
-_MESH_SUBSETS = (
-    _SKIP + "a mesh-only VirtualService (no gateways) names subsets whose DestinationRule "
-    "is in destination-rule-all.yaml; it is not served, so its subsets need not exist"
-)
-
 # file (relative to CORPUS) -> "<helper that fixes it>: <why it fails today>"
 EXPECTED_FAILURES: dict[str, str] = {
-    "bookinfo/networking/virtual-service-all-v1.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-details-v2.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-ratings-db.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-ratings-mysql-vm.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-ratings-mysql.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-ratings-test-abort.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-ratings-test-delay.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-reviews-50-v3.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-reviews-80-20.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-reviews-90-10.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-reviews-jason-v2-v3.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-reviews-test-v2.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-reviews-v2-v3.yaml": _MESH_SUBSETS,
-    "bookinfo/networking/virtual-service-reviews-v3.yaml": _MESH_SUBSETS,
-    "external/aptget.yaml": _SKIP + "ServiceEntry resolution NONE (passthrough) is an error",
-    "external/github.yaml": _SKIP + "ServiceEntry resolution NONE (passthrough) is an error",
-    "external/pypi.yaml": _SKIP + "ServiceEntry resolution NONE (passthrough) is an error",
-    "multicluster/expose-istiod.yaml": _SKIP + "a tls-only VirtualService is an error",
     "multicluster/expose-istiod-https.yaml": (
         "template: hosts ISTIOD-HOST.DOMAIN and credentialName $CREDENTIAL_NAME are "
         "placeholders the docs replace before applying"
-    ),
-    "tcp-echo/tcp-echo-all-v1.yaml": _SKIP + "a tcp-only VirtualService is an error",
-    "tcp-echo/tcp-echo-20-v2.yaml": (
-        _SKIP + "a tcp-only VirtualService is an error; it also names tcp-echo-gateway, which "
-        "is in tcp-echo-all-v1.yaml (the docs apply that first)"
     ),
 }
 

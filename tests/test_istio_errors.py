@@ -78,15 +78,6 @@ CASES = {
     "ring_and_maglev": [DR(CH % "{httpHeaderName: x, maglev: {tableSize: 7}, ringHash: {}}")],
     "deprecated_and_ring": [DR(CH % "{httpHeaderName: x, minimumRingSize: 10, ringHash: {}}")],
     "gateway_missing": [GW, VS(R).replace("[default-gw]", "[default-gateway]")],
-    "subset_missing": [
-        GW,
-        VS("- route:\n  - destination: {host: svc, port: {number: 8080}, subset: v11}"),
-        DR("subsets: [{name: v1, labels: {v: '1'}}]"),
-    ],
-    "subset_no_dr": [
-        GW,
-        VS("- route:\n  - destination: {host: svc, port: {number: 8080}, subset: v1}"),
-    ],
     "simple_enum": [DR("trafficPolicy: {loadBalancer: {simple: round_robin}}")],
     "simple_and_ch": [
         DR("trafficPolicy: {loadBalancer: {simple: RANDOM, consistentHash: {useSourceIp: true}}}")
@@ -165,7 +156,7 @@ CASES = {
     "eject_percent": [DR("trafficPolicy: {outlierDetection: {maxEjectionPercent: 150}}")],
     "dup_resource": [GW, GW],
     "gateway_name_dot": [GW.replace("{name: default-gw}", "{name: default.gw}")],
-    "bad_host": [GW, VS(R).replace("[test.com]", "[Test.com]")],
+    "bad_host": [GW, VS(R).replace("[test.com]", "[te_st.com]")],
     "cookie_no_name": [DR(CH % "{httpCookie: {ttl: 60s}}")],
     "empty_tp": [DR("trafficPolicy: {}")],
     "attempts0": [GW, VS(R + "\n  retries: {attempts: 0, perTryTimeout: 1s}")],
@@ -182,9 +173,9 @@ CASES = {
     "status_range": [GW, VS("- directResponse: {status: 700}")],
     "pls_no_port": [DR("trafficPolicy: {portLevelSettings: [{loadBalancer: {simple: RANDOM}}]}")],
     "passthrough": [DR("trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}")],
-    "se_workload_selector": [
+    "se_selector_and_endpoints": [
         SE(
-            "hosts: [svc.local]\nports: [{number: 80, name: http}]\nresolution: STATIC\nworkloadSelector: {labels: {app: x}}"
+            "hosts: [svc.local]\nports: [{number: 80, name: http}]\nresolution: STATIC\nworkloadSelector: {labels: {app: x}}\nendpoints: [{address: 10.0.0.1}]"
         )
     ],
 }
@@ -238,12 +229,6 @@ EXPECTED: dict[str, list[str]] = {
     "gateway_missing": [
         "t.yaml[2]: VirtualService test-vs: spec.gateways[0]: Gateway default/default-gateway not found (did you mean default/default-gw?)",
     ],
-    "subset_missing": [
-        "t.yaml[2]: VirtualService test-vs: spec.http[0].route[0].destination.subset: subset v11 not found in DestinationRule default/default-sticky-dr (subsets: v1) (did you mean v1?)",
-    ],
-    "subset_no_dr": [
-        "t.yaml[2]: VirtualService test-vs: spec.http[0].route[0].destination.subset: subset v1 not found: no DestinationRule for host svc.default.svc.cluster.local",
-    ],
     "simple_enum": [
         "t.yaml: DestinationRule default-sticky-dr: spec.trafficPolicy.loadBalancer.simple: unknown value 'round_robin' (did you mean ROUND_ROBIN?); one of UNSPECIFIED, LEAST_CONN, RANDOM, PASSTHROUGH, ROUND_ROBIN, LEAST_REQUEST",
     ],
@@ -281,7 +266,7 @@ EXPECTED: dict[str, list[str]] = {
         "t.yaml: ServiceEntry svc-se: spec.endpoints[0].address: endpoint address 'pod.local' is not a valid IP address (STATIC resolution; use DNS resolution for names)",
     ],
     "no_resolution": [
-        "t.yaml: ServiceEntry svc-se: spec.resolution: NONE (the default) means original-destination passthrough, which is not supported by sticky-proxy; use STATIC with endpoints, or DNS",
+        "t.yaml: ServiceEntry svc-se: spec.endpoints: no endpoints should be provided for resolution type none",
     ],
     "ep_port_name": [
         "t.yaml: ServiceEntry svc-se: spec.endpoints[0].ports.htp: endpoint port 9000 is not defined by the service entry (port names: http) (did you mean http?)",
@@ -332,7 +317,7 @@ EXPECTED: dict[str, list[str]] = {
         "t.yaml: Gateway default.gw: metadata.name: invalid gateway name: 'default.gw' (a DNS label: no dots)",
     ],
     "bad_host": [
-        "t.yaml[2]: VirtualService test-vs: spec.hosts[0]: domain name 'Test.com' invalid (label 'Test' invalid)",
+        "t.yaml[2]: VirtualService test-vs: spec.hosts[0]: domain name 'te_st.com' invalid (label 'te_st' invalid)",
     ],
     "cookie_no_name": [
         "t.yaml: DestinationRule default-sticky-dr: spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name: name required for HttpCookie",
@@ -364,8 +349,8 @@ EXPECTED: dict[str, list[str]] = {
     "passthrough": [
         "t.yaml: DestinationRule default-sticky-dr: spec.trafficPolicy.loadBalancer.simple: PASSTHROUGH (original destination) is not supported by sticky-proxy",
     ],
-    "se_workload_selector": [
-        "t.yaml: ServiceEntry svc-se: spec.workloadSelector: WorkloadEntry selection is not supported by sticky-proxy; list the endpoints in spec.endpoints",
+    "se_selector_and_endpoints": [
+        "t.yaml: ServiceEntry svc-se: spec: only one of WorkloadSelector or Endpoints is allowed in Service Entry",
     ],
 }
 
@@ -414,9 +399,8 @@ def test_all_errors_of_a_file_are_reported_at_once(tmp_path: Path) -> None:
         f"{p}[3]: DestinationRule default-sticky-dr: spec.trafficPolicy.loadBalancer."
         "consistentHash.maglev.tableSize: tableSize must be a prime number for maglev, got 1000 "
         "(nearest primes: 997, 1009)",
-        f"{p}[4]: ServiceEntry svc-se: spec.resolution: NONE (the default) means "
-        "original-destination passthrough, which is not supported by sticky-proxy; use STATIC "
-        "with endpoints, or DNS",
+        f"{p}[4]: ServiceEntry svc-se: spec.endpoints: no endpoints should be provided for "
+        "resolution type none",
         f"{o}: DestinationRule second: spec.hots: unknown field (did you mean host?)",
     ]
 

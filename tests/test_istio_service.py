@@ -261,5 +261,6 @@ def test_a_headless_service_without_ports_takes_the_listener_port_with_a_warning
     )
     assert config.warnings == (
         "t.yaml[2]: VirtualService vs: spec.http[0].route[0].destination.port: not set and "
-        f"host {REVIEWS} has no ServiceEntry: Istio's fallback, the listener port 8080, is used",
+        f"host {REVIEWS} has no ServiceEntry: Istio's fallback, the Gateway port the request "
+        "came in on, is used",
     )
