@@ -1576,10 +1576,12 @@ def main(argv: list[str] | None = None) -> int:
         start_backends(b)
         if not a.no_load:
             bench_rows(b, rows, results)
+        # The side scenarios speak plain HTTP: the TLS rows have their own loads.
+        plain = [r for r in rows if r.kind != "direct" and not r.tls]
         if a.idle:
-            idle = idle_phase(b, [r for r in rows if r.kind != "direct"])
+            idle = idle_phase(b, plain)
         if a.big:
-            big = big_phase(b, [r for r in rows if r.kind != "direct"], payload)
+            big = big_phase(b, plain, payload)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping everything")

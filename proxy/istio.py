@@ -233,11 +233,7 @@ def _read_document(issues: Issues, where: str, data: object, out: Parsed) -> Non
         return
     if meta is None:
         return
-    previous = out.seen.get((kind, meta.key))
-    if previous is not None:
-        r.error("metadata.name", f"duplicate {kind} {meta.key} (first defined in {previous})")
-        return
-    out.seen[(kind, meta.key)] = where
+    _claim(r, out, kind, meta.key, where)
     if kind != "Gateway":
         out.exports[(kind, meta.key)] = read_export_to(r, meta, spec)
     if kind == "Gateway":
@@ -258,6 +254,21 @@ def _read_document(issues: Issues, where: str, data: object, out: Parsed) -> Non
             out.service_entries.append(se)
 
 
+def _claim(r: Reader, out: Parsed, kind: str, key: str, where: str) -> None:
+    """Record that ``where`` defines ``kind`` ``key``. A second definition replaces the first,
+    with a warning: ``kubectl apply -f`` on the folder would do that, and Istio's samples ship
+    alternatives of one object (bookinfo's ``virtual-service-reviews-*.yaml``) side by side."""
+    previous = out.seen.get((kind, key))
+    if previous is not None:
+        r.warn(
+            "metadata.name",
+            f"replaces {kind} {key} of {previous}: the last one read wins, as with kubectl apply",
+        )
+        out.forget(kind, key)
+        out.exports.pop((kind, key), None)
+    out.seen[(kind, key)] = where
+
+
 def _read_secret(
     issues: Issues, where: str, data: dict[object, object], name: str, out: Parsed
 ) -> None:
@@ -269,11 +280,7 @@ def _read_secret(
     meta = _metadata(r, "Secret", top.get("metadata"))
     if meta is None:
         return
-    previous = out.seen.get(("Secret", meta.key))
-    if previous is not None:
-        r.error("metadata.name", f"duplicate Secret {meta.key} (first defined in {previous})")
-        return
-    out.seen[("Secret", meta.key)] = where
+    _claim(r, out, "Secret", meta.key, where)
     secret = read_secret(r, meta, top)
     if secret is not None:
         out.secrets.append(secret)
@@ -290,11 +297,7 @@ def _read_service(
     meta = _metadata(r, "Service", top.get("metadata"))
     if meta is None:
         return
-    previous = out.seen.get(("Service", meta.key))
-    if previous is not None:
-        r.error("metadata.name", f"duplicate Service {meta.key} (first defined in {previous})")
-        return
-    out.seen[("Service", meta.key)] = where
+    _claim(r, out, "Service", meta.key, where)
     service = read_service(r, meta, top.get("spec"))
     if service is not None:
         out.services.append(service)

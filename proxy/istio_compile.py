@@ -100,6 +100,22 @@ class Parsed:
     # proxy.istio_visibility and proxy.istio_delegate
     exports: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
 
+    def forget(self, kind: str, key: str) -> None:
+        """Drop the resource ``kind`` ``namespace/name`` read so far: a later document of the
+        same name replaces it, as a later ``kubectl apply`` of the same object does."""
+        if kind == "Gateway":
+            self.gateways = [(gw, r) for gw, r in self.gateways if gw.key != key]
+        elif kind == "VirtualService":
+            self.virtual_services = [x for x in self.virtual_services if x.meta.key != key]
+        elif kind == "DestinationRule":
+            self.destination_rules = [x for x in self.destination_rules if x.meta.key != key]
+        elif kind == "ServiceEntry":
+            self.service_entries = [x for x in self.service_entries if x.meta.key != key]
+        elif kind == "Secret":
+            self.secrets = [x for x in self.secrets if x.meta.key != key]
+        elif kind == "Service":
+            self.services = [x for x in self.services if x.meta.key != key]
+
 
 class Compiler:
     """Cross-resource work: references, DestinationRule merging, clusters, listeners."""
@@ -223,7 +239,13 @@ class Compiler:
     def _check_gateway_ref(self, r: Reader, path: str, ref: str) -> None:
         if ref == MESH_GATEWAY or ref in self.gateways:
             return
-        r.error(path, f"Gateway {ref} not found{did_you_mean(ref, self.gateways)}")
+        # Istio accepts the reference (the Gateway may come later; istioctl analyze reports
+        # IST0101): nothing is served through it, and the served/not-served summary says so.
+        r.warn(
+            path,
+            f"Gateway {ref} not found{did_you_mean(ref, self.gateways)}: nothing is served "
+            "through it",
+        )
 
     def _route(self, vs: ParsedVirtualService, raw: RawRoute, *, check: bool) -> HttpRoute:
         destinations: list[RouteDestination] = []

@@ -59,6 +59,7 @@ from proxy.istio import load_config
 from proxy.istio_visibility import DEFAULT_GATEWAY_NAMESPACE
 from proxy.listener import Connections
 from proxy.runtime import ClusterRuntime, Runtime, RuntimeRef, build_runtime
+from proxy.served import nothing_served
 from proxy.tls import DownstreamHandshake, TlsListener, listener_context
 
 if TYPE_CHECKING:
@@ -379,6 +380,11 @@ class Proxy:
                 return False
             for line in config.warnings:
                 log.warning("reload: %s", line)
+            why = nothing_served(config)
+            if why is not None:  # as `run` refuses to start on it: keep what serves
+                log.error("reload: nothing to serve: %s; the running config is kept", why)
+                self._reloaded(ok=False, detail="nothing to serve")
+                return False
             old = self.runtime
             self._log_certificates(old, runtime)
             added = [

@@ -58,14 +58,14 @@ def test_check_reports_every_error_and_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = (CONFIG / "sticky.yaml").read_text().replace("ttl: 60s", "tll: 60s")
-    bad = bad.replace("- default-gw", "- default-gateway")
+    bad = bad.replace("prefix: /", "prefx: /")
     path = write(tmp_path, "sticky.yaml", bad)
     assert main(["check", path, str(CONFIG / "serviceentry.yaml")]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [
-        f"{path}[2]: VirtualService test-vs: spec.gateways[0]: Gateway default/default-gateway "
-        "not found (did you mean default/default-gw?)",
+        f"{path}[2]: VirtualService test-vs: spec.http[0].match[0].uri.prefx: unknown field "
+        "(did you mean prefix?)",
         f"{path}[3]: DestinationRule default-sticky-dr: spec.trafficPolicy.loadBalancer."
         "consistentHash.httpCookie.tll: unknown field (did you mean ttl?)",
         "2 errors",

@@ -74,3 +74,16 @@ def test_bookinfo_as_the_docs_apply_it(name: str) -> None:
         networking / name,
     )
     assert error is None, error
+
+
+def test_the_whole_bookinfo_folder_loads_as_kubectl_apply_would_leave_it() -> None:
+    """``kubectl apply -f networking/``: files in name order, and a later object of the same
+    name replaces the earlier one (the folder holds alternatives of ``reviews``)."""
+    config = load_config(
+        [str(BOOKINFO / "platform" / "kube" / "bookinfo.yaml"), str(BOOKINFO / "networking")]
+    )
+    replaced = [w for w in config.warnings if "replaces VirtualService default/reviews" in w]
+    assert replaced, config.warnings
+    # The last file defining reviews (by name) is the one kept.
+    [reviews] = [vs for vs in config.virtual_services if vs.name == "reviews"]
+    assert reviews.source.endswith("virtual-service-reviews-v3.yaml")

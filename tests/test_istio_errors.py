@@ -77,7 +77,6 @@ CASES = {
     "maglev_zero": [DR(CH % "{httpHeaderName: x, maglev: {}}")],
     "ring_and_maglev": [DR(CH % "{httpHeaderName: x, maglev: {tableSize: 7}, ringHash: {}}")],
     "deprecated_and_ring": [DR(CH % "{httpHeaderName: x, minimumRingSize: 10, ringHash: {}}")],
-    "gateway_missing": [GW, VS(R).replace("[default-gw]", "[default-gateway]")],
     "simple_enum": [DR("trafficPolicy: {loadBalancer: {simple: round_robin}}")],
     "simple_and_ch": [
         DR("trafficPolicy: {loadBalancer: {simple: RANDOM, consistentHash: {useSourceIp: true}}}")
@@ -154,7 +153,6 @@ CASES = {
     "redirect_code": [GW, VS("- redirect: {uri: /x, redirectCode: 304}")],
     "local_origin": [DR("trafficPolicy: {outlierDetection: {consecutiveLocalOriginFailures: 3}}")],
     "eject_percent": [DR("trafficPolicy: {outlierDetection: {maxEjectionPercent: 150}}")],
-    "dup_resource": [GW, GW],
     "gateway_name_dot": [GW.replace("{name: default-gw}", "{name: default.gw}")],
     "bad_host": [GW, VS(R).replace("[test.com]", "[te_st.com]")],
     "cookie_no_name": [DR(CH % "{httpCookie: {ttl: 60s}}")],
@@ -225,9 +223,6 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "deprecated_and_ring": [
         "t.yaml: DestinationRule default-sticky-dr: spec.trafficPolicy.loadBalancer.consistentHash: only one of MinimumRingSize or Maglev/Ringhash can be specified",
-    ],
-    "gateway_missing": [
-        "t.yaml[2]: VirtualService test-vs: spec.gateways[0]: Gateway default/default-gateway not found (did you mean default/default-gw?)",
     ],
     "simple_enum": [
         "t.yaml: DestinationRule default-sticky-dr: spec.trafficPolicy.loadBalancer.simple: unknown value 'round_robin' (did you mean ROUND_ROBIN?); one of UNSPECIFIED, LEAST_CONN, RANDOM, PASSTHROUGH, ROUND_ROBIN, LEAST_REQUEST",
@@ -310,9 +305,6 @@ EXPECTED: dict[str, list[str]] = {
     "eject_percent": [
         "t.yaml: DestinationRule default-sticky-dr: spec.trafficPolicy.outlierDetection.maxEjectionPercent: percentage 150 is not in range 0..100",
     ],
-    "dup_resource": [
-        "t.yaml[2]: Gateway default-gw: metadata.name: duplicate Gateway default/default-gw (first defined in t.yaml[1])",
-    ],
     "gateway_name_dot": [
         "t.yaml: Gateway default.gw: metadata.name: invalid gateway name: 'default.gw' (a DNS label: no dots)",
     ],
@@ -368,11 +360,38 @@ def test_malformed_input_reports_exact_messages(case: str) -> None:
     assert str(exc.value) == "\n".join(EXPECTED[case])
 
 
+# What Istio accepts though it looks wrong: it loads, with these exact warnings.
+WARNED = {
+    "gateway_missing": (
+        [GW, VS(R).replace("[default-gw]", "[default-gateway]")],
+        "t.yaml[2]: VirtualService test-vs: spec.gateways[0]: Gateway default/default-gateway not found (did you mean default/default-gw?): nothing is served through it",
+    ),
+    "dup_resource": (
+        [GW, GW.replace('hosts: ["*"]', 'hosts: ["b.com"]')],
+        "t.yaml[2]: Gateway default-gw: metadata.name: replaces Gateway default/default-gw of t.yaml[1]: the last one read wins, as with kubectl apply",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WARNED))
+def test_what_istio_accepts_loads_with_an_exact_warning(case: str) -> None:
+    documents, warning = WARNED[case]
+    config = load_text("---\n".join(documents), "t.yaml")
+    assert warning in config.warnings
+
+
+def test_a_later_definition_replaces_the_earlier_one() -> None:
+    documents, _ = WARNED["dup_resource"]
+    config = load_text("---\n".join(documents), "t.yaml")
+    [gateway] = config.gateways
+    assert [h.host for s in gateway.servers for h in s.hosts] == ["b.com"]
+
+
 def test_all_errors_of_a_file_are_reported_at_once(tmp_path: Path) -> None:
     bad = "---\n".join(
         [
             GW.replace("protocol: HTTP", "protocol: HTTPZ"),
-            VS(R + "\n  timeout: 1d").replace("[default-gw]", "[default-gateway]"),
+            VS(R + "\n  timeout: 1d"),
             DR(CH % "{httpCookie: {name: ISTIOID, tll: 60s}, maglev: {tableSize: 1000}}"),
             SE(
                 "hosts: [svc.local]\nports: [{number: 80, name: http}]\nendpoints: [{address: x.y}]"
@@ -392,8 +411,6 @@ def test_all_errors_of_a_file_are_reported_at_once(tmp_path: Path) -> None:
         "TCP, TLS, UDP",
         f"{p}[2]: VirtualService test-vs: spec.http[0].timeout: unknown unit 'd' in duration '1d' "
         "(Istio durations look like 60s, 1.5s, 100ms, 1m30s, 1h)",
-        f"{p}[2]: VirtualService test-vs: spec.gateways[0]: Gateway default/default-gateway not "
-        "found (did you mean default/default-gw?)",
         f"{p}[3]: DestinationRule default-sticky-dr: spec.trafficPolicy.loadBalancer."
         "consistentHash.httpCookie.tll: unknown field (did you mean ttl?)",
         f"{p}[3]: DestinationRule default-sticky-dr: spec.trafficPolicy.loadBalancer."

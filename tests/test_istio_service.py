@@ -162,12 +162,12 @@ def test_the_service_namespace_makes_its_host() -> None:
     assert list(config.clusters) == ["outbound|9080||reviews.shop.svc.cluster.local"]
 
 
-def test_a_duplicate_service_is_an_error() -> None:
-    one = service("{ports: [{port: 9080}]}")
-    assert errors(route_to(), one, one) == [
-        "t.yaml[4]: Service reviews: metadata.name: duplicate Service default/reviews "
-        "(first defined in t.yaml[3])"
-    ]
+def test_a_second_service_of_one_name_replaces_the_first() -> None:
+    config = load(
+        route_to(), service("{ports: [{port: 9080}]}"), service("{ports: [{port: 9090}]}")
+    )
+    assert list(config.clusters) == ["outbound|9090||reviews.default.svc.cluster.local"]
+    assert any("replaces Service default/reviews of t.yaml[3]" in w for w in config.warnings)
 
 
 def test_a_persistent_session_label_on_a_service_gives_its_cluster_a_session() -> None:

@@ -145,3 +145,25 @@ async def test_a_reload_that_changes_the_gateway_port_is_refused(
         assert sample_sum(text, "sticky_config_reloads_total", result="failure") == 1
     finally:
         await proxy.stop(grace=2)
+
+
+async def test_a_reload_to_a_config_that_serves_nothing_keeps_the_running_one(
+    pods: PodSet, tmp_path: Path
+) -> None:
+    """`run` refuses such a config at start; a reload refuses it too, rather than 404 all."""
+    config = tmp_path / "istio.yaml"
+    config.write_text(article_yaml(pods.addresses))
+    options = RunOptions(listen=(("127.0.0.1", 0),), config_paths=(str(config),))
+    proxy = Proxy(load_config([str(config)]), options)
+    await proxy.start()
+    try:
+        before = proxy.runtime
+        # The VirtualService loses its Gateway: bound to the mesh only, it serves nothing.
+        config.write_text(article_yaml(pods.addresses).replace("  gateways:\n  - default-gw\n", ""))
+        assert await proxy.reload() is False
+        assert proxy.runtime is before
+        url = "http://{}:{}".format(*proxy.addresses[0])
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+            assert await cookie_name(session, url) == "ISTIOID"
+    finally:
+        await proxy.stop(grace=2)
