@@ -31,6 +31,7 @@ ServiceEntry host.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -604,5 +605,9 @@ def _service_entry_yaml(
 
 def _yaml_scalar(text: str) -> str:
     """``text`` as a YAML string (quoted when YAML would read it as something else)."""
-    loaded = yaml.safe_load(text) if text else None
-    return text if isinstance(loaded, str) and loaded == text and ":" not in text else f'"{text}"'
+    try:
+        loaded = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        loaded = None
+    plain = isinstance(loaded, str) and loaded == text and ":" not in text
+    return text if plain else json.dumps(text)  # a JSON string is a YAML string
