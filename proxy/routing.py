@@ -53,7 +53,6 @@ from proxy.config import (
     RetryPolicy,
     RouteDestination,
     SessionSpec,
-    StringMatch,
     VirtualServiceSpec,
     cluster_name,
     destination_port,
@@ -62,6 +61,7 @@ from proxy.config import (
 )
 from proxy.exchange import HeaderEdit, LocalReply
 from proxy.regex import Match, Regex, compile_regex
+from proxy.route_match import HeaderTest, StringTest
 from proxy.sessions import PersistentSession
 
 # --------------------------------------------------------------------------- results
@@ -181,54 +181,7 @@ class RouteDecision:
 # --------------------------------------------------------------------------- matching pieces
 
 
-class _StringTest:
-    """One compiled StringMatch; ``present`` matches any value."""
-
-    __slots__ = ("ci", "kind", "regex", "value")
-
-    def __init__(self, match: StringMatch, *, ignore_case: bool = False) -> None:
-        self.kind = match.kind
-        self.ci = ignore_case
-        self.value = match.value.lower() if ignore_case else match.value
-        self.regex = compile_regex(match.value) if match.kind == "regex" else None
-
-    def __call__(self, value: str) -> bool:
-        kind = self.kind
-        if kind == "exact":
-            return (value.lower() if self.ci else value) == self.value
-        if kind == "prefix":
-            if self.ci:
-                return value[: len(self.value)].lower() == self.value
-            return value.startswith(self.value)
-        if kind == "regex":
-            assert self.regex is not None
-            return self.regex.fullmatch(value) is not None
-        return True
-
-
 _ABSENT = object()
-
-
-class _HeaderTest:
-    """Envoy's HeaderMatcher, including ``invert_match`` and ``treat_missing_header_as_empty``."""
-
-    __slots__ = ("invert", "missing_as_empty", "name", "present", "test")
-
-    def __init__(self, name: str, match: StringMatch, *, invert: bool) -> None:
-        self.name = name
-        self.present = match.kind == "present"
-        self.test = _StringTest(match)
-        self.invert = invert
-        # Istio sets treat_missing_header_as_empty on inverted value matches (withoutHeaders).
-        self.missing_as_empty = invert and not self.present
-
-    def __call__(self, value: str | None) -> bool:
-        if value is None:
-            if not self.missing_as_empty:
-                return self.invert and self.present
-            value = ""
-        matched = self.present or self.test(value)
-        return matched != self.invert
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,14 +238,14 @@ class _Entry:
         else:
             self.path_kind = uri.kind
             self.path_value = uri.value.lower() if self.path_ci else uri.value
-        self.method = _StringTest(m.method) if m.method else None
-        self.authority = _StringTest(m.authority) if m.authority else None
-        self.scheme = _StringTest(m.scheme) if m.scheme else None
+        self.method = StringTest(m.method) if m.method else None
+        self.authority = StringTest(m.authority) if m.authority else None
+        self.scheme = StringTest(m.scheme) if m.scheme else None
         self.headers = tuple(
-            [_HeaderTest(n, sm, invert=False) for n, sm in m.headers]
-            + [_HeaderTest(n, sm, invert=True) for n, sm in m.without_headers]
+            [HeaderTest(n, sm, invert=False) for n, sm in m.headers]
+            + [HeaderTest(n, sm, invert=True) for n, sm in m.without_headers]
         )
-        self.query = tuple((name, _StringTest(sm)) for name, sm in m.query_params)
+        self.query = tuple((name, StringTest(sm)) for name, sm in m.query_params)
         is_root = (self.path_kind == "prefix" and self.path_value == "/") or (
             self.path_kind == "regex" and self.path_value == ".*"
         )
