@@ -606,6 +606,7 @@ def bodies(
         return lines[:: 1 if first else -1], b"0\r\n\r\n", b"", "reject", "cl+te"
     enc, dec, verdict, why = draw(chunked_body(clean))
     te = [b"chunked"]  # one Transfer-Encoding line per value
+    head_reject = False  # the head itself is refused (verdict "reject" so far: the body's)
     if kind == "te-odd":
         te, te_verdict = draw(
             st.sampled_from(
@@ -626,12 +627,15 @@ def bodies(
             )
         )
         why = f"te:{te!r}+{why}"
-        if te_verdict == "reject":
-            verdict = "reject"
-    if version == b"HTTP/1.0" and verdict != "reject":
+        head_reject = te_verdict == "reject"
+    if head_reject:
+        verdict = "reject"
+    elif version == b"HTTP/1.0":
         verdict = "reject"  # RFC 9112 §6.1: chunked in an HTTP/1.0 request
         why += "+te-on-1.0"
-    elif verdict == "reject" and kind != "te-odd":
+    elif verdict == "reject":
+        # A good head (an odd but valid Transfer-Encoding such as "Chunked" included) with a
+        # broken chunk: the head may be streamed upstream, the body never completes there.
         verdict = "body-reject"
     return [b"Transfer-Encoding: " + v for v in te], enc, dec, verdict, why
 

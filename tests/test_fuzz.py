@@ -115,6 +115,28 @@ def assert_holds(harness: Harness, case: Case) -> None:
     assert not problems, report(case, problems)
 
 
+def test_a_broken_chunk_after_a_valid_head_may_stream_the_head_but_never_completes(
+    harness: Harness,
+) -> None:
+    """bench/fuzz.py (seed 180532995) found the model wrong, not the proxy: it took a broken
+    chunk after ``Transfer-Encoding: Chunked`` (valid: codings are case-insensitive) for a
+    head-level refusal. The head arrives alone, so it is streamed upstream; the client gets its
+    400 and the backend never sees the request complete."""
+    head = (
+        b"GET http://test.com/f/ HTTP/1.1\r\nHost: test.com\r\nx-fuzz-reply: cl\r\n"
+        b"Transfer-Encoding: Chunked\r\nx-fuzz: " + MARK + b"\r\n\r\n"
+    )
+    req = Req(
+        raw=head + b"zz\r\nabc\r\n0\r\n\r\n",
+        method="GET",
+        verdict="reject",
+        body_level=True,
+        target=b"/f/",
+        authority=b"test.com",
+    )
+    assert_holds(harness, Case([req], cuts=(len(head),), half_close=False))
+
+
 @pytest.mark.parametrize(
     ("target", "host", "origin", "authority"),
     [
