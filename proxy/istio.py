@@ -269,19 +269,34 @@ def _claim(r: Reader, out: Parsed, kind: str, key: str, where: str) -> None:
     out.seen[(kind, key)] = where
 
 
+def _core_object(
+    issues: Issues,
+    where: str,
+    data: dict[object, object],
+    name: str,
+    out: Parsed,
+    kind: str,
+    fields: tuple[str, ...],
+) -> tuple[Reader, Meta, dict[str, object]] | None:
+    """A Kubernetes core (v1) object's reader, metadata and top level, its name claimed; None
+    when it is too broken to read further (errors recorded)."""
+    r = Reader(issues, where, f"{kind} {name}" if name else kind)
+    top = r.mapping(data, "", fields)
+    if top is None:
+        return None
+    meta = _metadata(r, kind, top.get("metadata"))
+    if meta is None:
+        return None
+    _claim(r, out, kind, meta.key, where)
+    return r, meta, top
+
+
 def _read_secret(
     issues: Issues, where: str, data: dict[object, object], name: str, out: Parsed
 ) -> None:
     """A Kubernetes Secret: certificates for ``credentialName`` (``proxy.istio_tls``)."""
-    r = Reader(issues, where, f"Secret {name}" if name else "Secret")
-    top = r.mapping(data, "", SECRET_FIELDS)
-    if top is None:
-        return
-    meta = _metadata(r, "Secret", top.get("metadata"))
-    if meta is None:
-        return
-    _claim(r, out, "Secret", meta.key, where)
-    secret = read_secret(r, meta, top)
+    found = _core_object(issues, where, data, name, out, "Secret", SECRET_FIELDS)
+    secret = read_secret(*found) if found is not None else None
     if secret is not None:
         out.secrets.append(secret)
 
@@ -290,14 +305,10 @@ def _read_service(
     issues: Issues, where: str, data: dict[object, object], name: str, out: Parsed
 ) -> None:
     """A Kubernetes Service: its host's ports, address and labels (``proxy.istio_service``)."""
-    r = Reader(issues, where, f"Service {name}" if name else "Service")
-    top = r.mapping(data, "", SERVICE_FIELDS)
-    if top is None:
+    found = _core_object(issues, where, data, name, out, "Service", SERVICE_FIELDS)
+    if found is None:
         return
-    meta = _metadata(r, "Service", top.get("metadata"))
-    if meta is None:
-        return
-    _claim(r, out, "Service", meta.key, where)
+    r, meta, top = found
     service = read_service(r, meta, top.get("spec"))
     if service is not None:
         out.services.append(service)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -154,3 +156,13 @@ async def eventually(predicate: Callable[[], bool], within: float = 10) -> None:
             if predicate():
                 return
             await asyncio.sleep(0.02)
+
+
+async def unshare_available() -> bool:
+    """Whether ``unshare --mount`` works here (root): tests give a proxy its own /etc/hosts."""
+    if not shutil.which("unshare"):
+        return False
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--mount", "true", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return await proc.wait() == 0

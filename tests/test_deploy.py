@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from proxy_process import unshare_available
 
 from proxy.__main__ import build_parser
 from proxy.demo import PodSet
@@ -236,19 +237,10 @@ def test_kubernetes_manifests_references_hold() -> None:
         assert "cpu" in container["resources"]["limits"]
 
 
-async def _unshare_available() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    proc = await asyncio.create_subprocess_exec(
-        "unshare", "--mount", "true", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    return await proc.wait() == 0
-
-
 async def test_compose_config_serves_sticky_traffic_through_the_images_command(
     tmp_path: Path,
 ) -> None:
-    if not await _unshare_available():
+    if not await unshare_available():
         pytest.skip("needs `unshare --mount` (root) to give the proxy its own /etc/hosts")
     # The ServiceEntry fixes port 8080, so the replicas differ by address: three in a /24 of
     # 127/8 picked at random, so parallel runs of this test (other checkouts) do not collide.

@@ -13,7 +13,6 @@ import asyncio
 import os
 import random
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp.resolver import ThreadedResolver
+from proxy_process import unshare_available
 
 from proxy.config import Config, DnsEndpoints, Endpoint, StaticEndpoints
 from proxy.demo import PodSet
@@ -329,22 +329,13 @@ def test_compose_versions_example_references_hold() -> None:
             assert int(command[command.index("--port") + 1]) == target.port
 
 
-async def _unshare_available() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    proc = await asyncio.create_subprocess_exec(
-        "unshare", "--mount", "true", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    return await proc.wait() == 0
-
-
 async def test_compose_versions_example_runs_unchanged_with_real_processes(
     tmp_path: Path,
 ) -> None:
     """The compose topology without a container runtime: the three pods on loopback addresses,
     their compose names answered by /etc/hosts in the proxy's own mount namespace, and the
     proxy run with compose's command line on config/compose-versions/ as it is."""
-    if not await _unshare_available():
+    if not await unshare_available():
         pytest.skip("needs `unshare --mount` (root) to give the proxy its own /etc/hosts")
     services = compose_services()
     command = services.pop("proxy")["command"]

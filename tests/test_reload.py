@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -127,15 +128,24 @@ async def test_watch_follows_the_files_and_keeps_unchanged_clusters(
         await proxy.stop(grace=2)
 
 
-async def test_a_reload_that_changes_the_gateway_port_is_refused(
-    pods: PodSet, tmp_path: Path
-) -> None:
-    config = tmp_path / "istio.yaml"
-    config.write_text(article_yaml(pods.addresses))
+@asynccontextmanager
+async def article_proxy(pods: PodSet, config: Path) -> AsyncIterator[Proxy]:
+    """A started in-process proxy on the article's YAML for ``pods``, written to ``config``."""
+    await asyncio.to_thread(config.write_text, article_yaml(pods.addresses))
     options = RunOptions(listen=(("127.0.0.1", 0),), config_paths=(str(config),))
     proxy = Proxy(load_config([str(config)]), options)
     await proxy.start()
     try:
+        yield proxy
+    finally:
+        await proxy.stop(grace=2)
+
+
+async def test_a_reload_that_changes_the_gateway_port_is_refused(
+    pods: PodSet, tmp_path: Path
+) -> None:
+    config = tmp_path / "istio.yaml"
+    async with article_proxy(pods, config) as proxy:
         before = proxy.runtime
         config.write_text(article_yaml(pods.addresses).replace("number: 80\n", "number: 81\n"))
         assert await proxy.reload() is False
@@ -143,8 +153,6 @@ async def test_a_reload_that_changes_the_gateway_port_is_refused(
         assert proxy.metrics is not None
         text = proxy.exposition().decode()
         assert sample_sum(text, "sticky_config_reloads_total", result="failure") == 1
-    finally:
-        await proxy.stop(grace=2)
 
 
 async def test_a_reload_to_a_config_that_serves_nothing_keeps_the_running_one(
@@ -152,11 +160,7 @@ async def test_a_reload_to_a_config_that_serves_nothing_keeps_the_running_one(
 ) -> None:
     """`run` refuses such a config at start; a reload refuses it too, rather than 404 all."""
     config = tmp_path / "istio.yaml"
-    config.write_text(article_yaml(pods.addresses))
-    options = RunOptions(listen=(("127.0.0.1", 0),), config_paths=(str(config),))
-    proxy = Proxy(load_config([str(config)]), options)
-    await proxy.start()
-    try:
+    async with article_proxy(pods, config) as proxy:
         before = proxy.runtime
         # The VirtualService loses its Gateway: bound to the mesh only, it serves nothing.
         config.write_text(article_yaml(pods.addresses).replace("  gateways:\n  - default-gw\n", ""))
@@ -165,5 +169,3 @@ async def test_a_reload_to_a_config_that_serves_nothing_keeps_the_running_one(
         url = "http://{}:{}".format(*proxy.addresses[0])
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
             assert await cookie_name(session, url) == "ISTIOID"
-    finally:
-        await proxy.stop(grace=2)
