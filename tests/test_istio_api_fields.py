@@ -25,6 +25,7 @@ import textwrap
 
 import pytest
 import yaml
+from proxy_process import gateway_yaml
 
 from proxy.config import Config, ConfigError, Redirect
 from proxy.istio import load_text
@@ -260,15 +261,7 @@ def test_a_field_istio_api_lacks_is_an_error_there(message: str) -> None:
 
 
 def _load(*docs: str) -> Config:
-    gateway = """
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: gw}
-spec:
-  servers:
-  - port: {number: 80, name: http, protocol: HTTP}
-    hosts: ["*"]
-"""
+    gateway = gateway_yaml()
     return load_text("---\n".join((gateway, *docs)), "t.yaml")
 
 
