@@ -319,11 +319,14 @@ def request_head(
     drop: frozenset[bytes],
     forwarded_for: bytes | None,
     proto_line: bytes,
+    forward_lines: bytes = b"",
 ) -> bytes:
     """The head sent upstream: the request line in origin form, Host, the received headers
     less ``drop`` (hop-by-hop, our own, the route's removals), the forwarding headers
-    (``forwarded_for`` is the client's IP, None to leave them alone), x-request-id, the body's
-    framing and the route's additions."""
+    (``forwarded_for`` is the client's IP, None to leave them alone; ``forward_lines`` the
+    connection's x-forwarded-for and x-forwarded-proto lines made once, for the common case of
+    no route edit and no x-forwarded-for received), x-request-id, the body's framing and the
+    route's additions."""
     target = fwd.target if fwd.target is not None else req.target
     authority = fwd.authority if fwd.authority is not None else req.authority
     if not authority:
@@ -332,11 +335,11 @@ def request_head(
     edit = fwd.request_headers
     edited = edit.drop if edit is not None else _NOTHING
     own = not edited  # nothing removed: skip the four lookups below
-    parts = [req.method, b" ", target, b" HTTP/1.1\r\n"]
+    # Fewer parts: the join pays about a hundred instructions for each, whatever its length.
     if own or b"host" not in edited:
-        parts.append(b"host: ")
-        parts.append(authority)
-        parts.append(CRLF)
+        parts = [req.method, b" ", target, b" HTTP/1.1\r\nhost: ", authority, CRLF]
+    else:
+        parts = [req.method, b" ", target, b" HTTP/1.1\r\n"]
     if req.conn_tokens:
         drop = drop | req.conn_tokens
     if edit is not None:
@@ -347,7 +350,9 @@ def request_head(
             parts.append(b": ")
             parts.append(value)
             parts.append(CRLF)
-    if forwarded_for is not None:
+    if forwarded_for is not None and own and req.xff is None and forward_lines:
+        parts.append(forward_lines)
+    elif forwarded_for is not None:
         if own or b"x-forwarded-for" not in edited:
             xff = forwarded_for if req.xff is None else req.xff + b", " + forwarded_for
             parts += (b"x-forwarded-for: ", xff, CRLF)

@@ -79,6 +79,7 @@ class HttpConnection(DownstreamConnection):
         # per-connection state
         # The client's IP for x-forwarded-for; None when the listener leaves it alone.
         self._forwarded_for: bytes | None = b"" if self._xff else None
+        self._forward_lines = b""  # x-forwarded-for and -proto for this client, made once
         self._memo: object = None  # the dispatcher's, carried from one exchange to the next
 
         # per-request state (the active exchange's upstream side)
@@ -105,6 +106,10 @@ class HttpConnection(DownstreamConnection):
         super().connection_made(transport)
         if self._xff and self._peer[0]:
             self._forwarded_for = self._peer[0].encode()
+        if self._forwarded_for is not None:
+            self._forward_lines = (
+                b"x-forwarded-for: " + self._forwarded_for + b"\r\n" + self._proto_line
+            )
 
     # ================================================================== hooks of the client side
     def _request_data(self, ex: ParsedRequest, data: bytes) -> bool:
@@ -203,7 +208,12 @@ class HttpConnection(DownstreamConnection):
             return
         self._forward = decision
         self._request_head = request_head(
-            ex, decision, self._request_drop, self._forwarded_for, self._proto_line
+            ex,
+            decision,
+            self._request_drop,
+            self._forwarded_for,
+            self._proto_line,
+            self._forward_lines,
         )
         plan = decision.retry
         if plan is not None and ex.bytes_received == 0 and not ex.body_done:
