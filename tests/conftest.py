@@ -7,7 +7,9 @@
     raw_client     open a byte-level HTTP/1.1 client (RawClient) to a port
 
 ``ForwardAll`` (``from conftest import ForwardAll``) is a dispatcher sending everything to one
-pool and recording the exchanges.
+pool and recording the exchanges. ``running(config)`` runs the whole in-process proxy
+(``proxy.server.Proxy``) on 127.0.0.1 port 0 and yields its URL; ``with_endpoints(runtime)``
+gives a runtime's static clusters their endpoints, as discovery does at start.
 
 RawClient is for tests that need control over the bytes (pipelining, malformed input, half
 reads); everything else should use ``aiohttp.ClientSession``.
@@ -18,16 +20,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from proxy.config import Config, StaticEndpoints
 from proxy.exchange import Dispatcher, Exchange, Forward, LocalReply, ServerSettings
 from proxy.http1 import serve
 from proxy.listener import Connections
 from proxy.pool import UpstreamPool
+from proxy.runtime import Runtime
+from proxy.server import Proxy, RunOptions
 
 HOST = "127.0.0.1"
 PROXY_DIR = Path(__file__).resolve().parent.parent / "proxy"
@@ -280,3 +286,26 @@ async def pools() -> AsyncIterator[Callable[..., UpstreamPool]]:
 def forward_all() -> type[ForwardAll]:
     """The ForwardAll class, for test_http1*.py until they import it like the others do."""
     return ForwardAll
+
+
+LOOPBACK = RunOptions(listen=(("127.0.0.1", 0),))
+
+
+@asynccontextmanager
+async def running(config: Config, options: RunOptions = LOOPBACK) -> AsyncIterator[str]:
+    """The proxy on ``config``, started and stopped around the block; yields its base URL."""
+    proxy = Proxy(config, options)
+    await proxy.start()
+    try:
+        host, port = proxy.addresses[0]
+        yield f"http://{host}:{port}"
+    finally:
+        await proxy.stop(grace=5)
+
+
+def with_endpoints(runtime: Runtime) -> Runtime:
+    """What discovery does at start for static endpoints."""
+    for crt in runtime.clusters.values():
+        assert isinstance(crt.spec.endpoints, StaticEndpoints)
+        crt.cluster.set_endpoints(crt.spec.endpoints.endpoints)
+    return runtime

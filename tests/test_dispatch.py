@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from types import MappingProxyType
 
 import pytest
-from conftest import RawClient
+from conftest import RawClient, with_endpoints
 from proxy_process import gateway_yaml, sample_sum, service_yaml
 
-from proxy.config import Config, StaticEndpoints
+from proxy.config import Config
 from proxy.demo import PodSet
 from proxy.dispatch import ROUTE_CACHE_SIZE, Dispatcher
 from proxy.exchange import Exchange, Forward
@@ -56,14 +56,6 @@ def simple_config(pods: PodSet) -> Config:
     routes = app_routes("[{route: [{destination: {host: stable.local}}]}]")
     stable = service_yaml("stable", pods.addresses[0])
     return load_text("---".join([gateway_yaml(), routes, stable]), "simple.yaml")
-
-
-def with_endpoints(runtime: Runtime) -> Runtime:
-    """What discovery does at start for static endpoints."""
-    for crt in runtime.clusters.values():
-        assert isinstance(crt.spec.endpoints, StaticEndpoints)
-        crt.cluster.set_endpoints(crt.spec.endpoints.endpoints)
-    return runtime
 
 
 @pytest.fixture

@@ -14,26 +14,24 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
+from conftest import running
 
 from proxy.config import Config
 from proxy.demo import PodSet
 from proxy.explain import Probe, explain
 from proxy.istio import load_text
 from proxy.routing import Router
-from proxy.server import Proxy, RunOptions
 
 pytestmark = pytest.mark.timeout(60)
 
 NETWORKING = Path(__file__).parent / "istio_corpus" / "istio-samples" / "bookinfo" / "networking"
 REVIEWS = "reviews.default.svc.cluster.local"
-LISTEN = RunOptions(listen=(("127.0.0.1", 0),))
 
 
 def sample(name: str) -> list[dict[str, Any]]:
@@ -82,17 +80,6 @@ def bookinfo(vs_file: str, pods: Sequence[tuple[str, int]]) -> Config:
         reviews_pods(pods),
     ]
     return load_text("\n---\n".join(parts), "bookinfo")
-
-
-@asynccontextmanager
-async def running(config: Config) -> AsyncIterator[str]:
-    proxy = Proxy(config, LISTEN)
-    await proxy.start()
-    try:
-        host, port = proxy.addresses[0]
-        yield f"http://{host}:{port}"
-    finally:
-        await proxy.stop(grace=5)
 
 
 @pytest.fixture

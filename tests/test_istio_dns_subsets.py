@@ -18,8 +18,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp.resolver import ThreadedResolver
+from conftest import running
 from proxy_process import unshare_available
 
 from proxy.config import Config, DnsEndpoints, Endpoint, StaticEndpoints
@@ -34,7 +34,7 @@ from proxy.demo import PodSet
 from proxy.discovery import EndpointWatcher
 from proxy.hashing import RingHash, xxh64
 from proxy.istio import load_config, load_text
-from proxy.server import Proxy, RunOptions
+from proxy.server import RunOptions
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -135,15 +135,7 @@ async def test_the_labels_survive_a_real_dns_resolution() -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-@asynccontextmanager
-async def running(config: Config) -> AsyncIterator[str]:
-    proxy = Proxy(config, RunOptions(listen=(("127.0.0.1", 0),), dns_refresh=0.2))
-    await proxy.start()
-    try:
-        host, port = proxy.addresses[0]
-        yield f"http://{host}:{port}"
-    finally:
-        await proxy.stop(grace=5)
+DNS_LOOPBACK = RunOptions(listen=(("127.0.0.1", 0),), dns_refresh=0.2)
 
 
 async def pod_for(session: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> str:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from conftest import RawClient
+from conftest import RawClient, with_endpoints
 from proxy_process import ROOT, gateway_yaml, proxy_process, service_yaml
 
 from proxy.config import Config, ConfigError, Destination, DnsEndpoints, Endpoint, StaticEndpoints
@@ -399,10 +399,7 @@ async def test_a_request_reaches_a_mixed_case_host_whatever_the_case_of_its_host
     proxy: Callable[..., Awaitable[int]],
     raw_client: Callable[[int], Awaitable[RawClient]],
 ) -> None:
-    runtime = build_runtime(load(*mixed_case_docs(pods.addresses[0])))
-    for crt in runtime.clusters.values():
-        assert isinstance(crt.spec.endpoints, StaticEndpoints)
-        crt.cluster.set_endpoints(crt.spec.endpoints.endpoints)
+    runtime = with_endpoints(build_runtime(load(*mixed_case_docs(pods.addresses[0]))))
     client = await raw_client(await proxy(Dispatcher(RuntimeRef(runtime), 80)))
     for host in ("httpbin.example.com", "HTTPBIN.EXAMPLE.COM", "web.Example.com:80"):
         assert await get(client, host) == (200, "pod-1")
@@ -491,10 +488,7 @@ async def test_a_gateway_route_to_an_undefined_subset_warns_and_answers_503(
         f"t.yaml[2]: VirtualService app: spec.http[0].route[0].destination.subset: {warning}",
     )
     assert "outbound|80|v9|stable.local" not in config.clusters
-    runtime = build_runtime(config)
-    for crt in runtime.clusters.values():
-        assert isinstance(crt.spec.endpoints, StaticEndpoints)
-        crt.cluster.set_endpoints(crt.spec.endpoints.endpoints)
+    runtime = with_endpoints(build_runtime(config))
     client = await raw_client(await proxy(Dispatcher(RuntimeRef(runtime), 80)))
     await client.send(b"GET /v9 HTTP/1.1\r\nHost: app.test\r\n\r\n")
     assert (await client.read_response()).status == 503

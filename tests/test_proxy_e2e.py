@@ -11,11 +11,11 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
+from conftest import LOOPBACK, running
 
 from proxy.affinity import format_address, generated_cookie_value
 from proxy.config import Config
@@ -28,7 +28,6 @@ from proxy.server import Proxy, RunOptions
 pytestmark = pytest.mark.timeout(60)
 
 ARTICLE = (Path(__file__).parent.parent / "config" / "sticky.yaml").read_text()
-LISTEN = RunOptions(listen=(("127.0.0.1", 0),))
 
 
 def service_entry(pods: Sequence[tuple[str, int]], resolution: str = "STATIC") -> str:
@@ -44,17 +43,6 @@ def service_entry(pods: Sequence[tuple[str, int]], resolution: str = "STATIC") -
 
 def article_config(pods: Sequence[tuple[str, int]], extra: str = "") -> Config:
     return load_text(ARTICLE + "\n---\n" + service_entry(pods) + extra, "article")
-
-
-@asynccontextmanager
-async def running(config: Config) -> AsyncIterator[str]:
-    proxy = Proxy(config, LISTEN)
-    await proxy.start()
-    try:
-        host, port = proxy.addresses[0]
-        yield f"http://{host}:{port}"
-    finally:
-        await proxy.stop(grace=5)
 
 
 @pytest.fixture
@@ -411,7 +399,7 @@ async def test_a_session_follows_its_pod_out_of_the_ring_on_the_same_connection(
     ring = RingHash(dict.fromkeys(keys(pods), 1))
     cookie = next(f"s{i}" for i in range(100) if ring.pick(xxh64(f"s{i}")) == keys(pods)[0])
     rest = RingHash(dict.fromkeys(keys(pods)[1:], 1))
-    proxy = Proxy(article_config(pods.addresses), LISTEN)
+    proxy = Proxy(article_config(pods.addresses), LOOPBACK)
     await proxy.start()
     host, port = proxy.addresses[0]
     reader, writer = await asyncio.open_connection(host, port)
