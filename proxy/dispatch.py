@@ -320,7 +320,7 @@ class Dispatcher:
             set_cookie=set_cookie,
             timeout=route.timeout,
             next_pool=_NextPool(snap.pools, balancer, hash_, key, stats, keyed),
-            connect_retries=plan.connect_retries(len(balancer.hosts)) if plan is not None else 0,
+            connect_retries=connect_retries(plan, balancer),
             retry=plan,
         )
         if keyed and isinstance(balancer, (RingHash, Maglev)):  # a pick is a function of the hash
