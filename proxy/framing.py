@@ -319,7 +319,7 @@ def request_head(
     drop: frozenset[bytes],
     forwarded_for: bytes | None,
     proto_line: bytes,
-    forward_lines: bytes = b"",
+    forward_lines: bytes,
 ) -> bytes:
     """The head sent upstream: the request line in origin form, Host, the received headers
     less ``drop`` (hop-by-hop, our own, the route's removals), the forwarding headers
@@ -350,7 +350,7 @@ def request_head(
             parts.append(b": ")
             parts.append(value)
             parts.append(CRLF)
-    if forwarded_for is not None and own and req.xff is None and forward_lines:
+    if forwarded_for is not None and own and req.xff is None:
         parts.append(forward_lines)
     elif forwarded_for is not None:
         if own or b"x-forwarded-for" not in edited:
