@@ -493,11 +493,15 @@ class HttpConnection(DownstreamConnection):
             conn.abandon()
 
     # ================================================================== the upstream sink
-    def response_interim(self, status: int, lines: list[bytes]) -> None:
-        """A 1xx head; ``lines`` as for :meth:`response_head`."""
+    def response_interim(
+        self, status: int, lines: list[bytes], connection_tokens: frozenset[bytes]
+    ) -> None:
+        """A 1xx head; ``lines`` and ``connection_tokens`` as for :meth:`response_head`."""
         ex = self._active
         if ex is None or ex.version != b"1.1":
             return  # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client
+        if connection_tokens:
+            lines = without(lines, connection_tokens)
         lines[0] = status_line(status)
         lines.append(CRLF)
         self._wbuf.append(b"".join(lines))

@@ -9,13 +9,13 @@ can be matched to its request only by order, and a reset would then lose every r
 it). While it serves an exchange it is *attached* to its sink — the downstream connection,
 ``http1.HttpConnection`` — and reports the response through a handful of calls:
 
-    response_interim(status, lines)     1xx other than 101, zero or more times
-    response_head(status, lines, ...)   the final response head
-    response_body(data) ...             body bytes as httptools delivers them,
-    response_end()                      then the end
-    response_tunnel(data)               after 101: raw bytes from the upstream
-    response_failed(reason, retryable)  the connection died or spoke garbage; the sink maps
-                                        it to 502/503 or a truncated response (replies)
+    response_interim(status, lines, ...) 1xx other than 101, zero or more times
+    response_head(status, lines, ...)    the final response head
+    response_body(data) ...              body bytes as httptools delivers them,
+    response_end()                       then the end
+    response_tunnel(data)                after 101: raw bytes from the upstream
+    response_failed(reason, retryable)   the connection died or spoke garbage; the sink maps
+                                         it to 502/503 or a truncated response (replies)
 
 The connection decides whether it may be reused (upstream keep-alive, request fully written,
 response fully read, request cap) and returns itself to its pool *before* telling the sink the
@@ -412,7 +412,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise _Unexpected
         status = self._parser.get_status_code()
         if status < 200 and status != 101:
-            sink.response_interim(status, self._lines)
+            sink.response_interim(status, self._lines, self._conn_tokens)
             return
         if status == 101 and not self._upgrade:
             raise _Unexpected  # 101 to a request that did not ask for it

@@ -163,6 +163,40 @@ async def test_hop_by_hop_headers_removed_both_ways(
     assert resp.header("date") is None  # date is only added to local replies
 
 
+@pytest.mark.parametrize("piece", [0, 1, 9], ids=["one-write", "byte-by-byte", "9-bytes"])
+async def test_interim_and_final_heads_arrive_whole_however_the_reads_split_them(
+    raw_backend, proxy, pools, forward_all, raw_client, piece: int
+) -> None:
+    response = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: x-hint\r\n"
+        b"X-Hint: 1\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nX-Mixed-Case: Value \r\nContent-Length: 2\r\n\r\nok"
+    )
+    served = 0
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        while await reader.readuntil(b"\r\n\r\n"):  # both requests on one connection
+            step = piece or len(response)
+            for i in range(0, len(response), step):
+                writer.write(response[i : i + step])
+                await writer.drain()
+            served += 1
+
+    port = await proxy(forward_all(pools(await raw_backend(upstream))))
+    client = await raw_client(port)
+    for _ in range(2):
+        await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert (await client.read_head()).raw_head == b"HTTP/1.1 100 Continue\r\n\r\n"
+        hints = await client.read_head()
+        assert hints.status == 103 and hints.headers == [("link", "</a.css>; rel=preload")]
+        final = await client.read_response()
+        assert final.status == 200 and final.header("x-mixed-case") == "Value"
+        assert final.body == b"ok"
+    assert served == 2
+
+
 async def test_set_cookie_and_header_edits(backend, proxy, pools, forward_all):
     be = await backend(echo_app())
     dispatcher = forward_all(
