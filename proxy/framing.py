@@ -335,39 +335,39 @@ def request_head(
     edit = fwd.request_headers
     edited = edit.drop if edit is not None else _NOTHING
     own = not edited  # nothing removed: skip the four lookups below
-    # Fewer parts: the join pays about a hundred instructions for each, whatever its length.
+    # Fewer parts: the join pays about a hundred instructions for each, whatever its length,
+    # while a %-format of bytes is, compiled, a single copy (mypyc's CPyBytes_Build).
+    method = req.method
     if own or b"host" not in edited:
-        parts = [req.method, b" ", target, b" HTTP/1.1\r\nhost: ", authority, CRLF]
+        parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method, target, authority)]
     else:
-        parts = [req.method, b" ", target, b" HTTP/1.1\r\n"]
+        parts = [b"%s %s HTTP/1.1\r\n" % (method, target)]
     if req.conn_tokens:
         drop = drop | req.conn_tokens
     if edit is not None:
         drop = drop | edited
     for name, value in req.headers:
         if name not in drop:
-            parts.append(name)
-            parts.append(b": ")
-            parts.append(value)
-            parts.append(CRLF)
+            parts.append(b"%s: %s\r\n" % (name, value))
     if forwarded_for is not None and own and req.xff is None:
         parts.append(forward_lines)
     elif forwarded_for is not None:
         if own or b"x-forwarded-for" not in edited:
             xff = forwarded_for if req.xff is None else req.xff + b", " + forwarded_for
-            parts += (b"x-forwarded-for: ", xff, CRLF)
+            parts.append(b"x-forwarded-for: %s\r\n" % xff)
         if own or b"x-forwarded-proto" not in edited:
             parts.append(proto_line)
     if own or b"x-request-id" not in edited:
-        parts.append(b"x-request-id: ")
-        parts.append(req.request_id)
-        parts.append(CRLF)
-    if req.upgrade is not None:
-        parts += (b"upgrade: ", req.upgrade, CRLF, UPGRADE_LINE)
+        parts.append(b"x-request-id: %s\r\n" % req.request_id)
+    upgrade = req.upgrade
+    content_length = req.content_length
+    if upgrade is not None:
+        parts.append(b"upgrade: %s\r\n" % upgrade)
+        parts.append(UPGRADE_LINE)
     elif req.chunked:
         parts.append(CHUNKED_LINE)
-    elif req.content_length is not None:
-        parts += (b"content-length: ", req.content_length, CRLF)
+    elif content_length is not None:
+        parts.append(b"content-length: %s\r\n" % content_length)
     if edit is not None:
         parts.append(edit.lines)
     parts.append(CRLF)
@@ -376,11 +376,12 @@ def request_head(
 
 def without(lines: list[bytes], drop: frozenset[bytes]) -> list[bytes]:
     """Response head ``lines`` (``proxy.upstream``'s layout: a slot for the status line, then
-    name, ": ", value, CRLF per header) less the headers named in ``drop``."""
+    b"name: value\r\n" per header, names lower-cased) less the headers named in ``drop``."""
     kept = [lines[0]]
-    for i in range(1, len(lines), 4):
-        if lines[i] not in drop:
-            kept += lines[i : i + 4]
+    for i in range(1, len(lines)):
+        line = lines[i]
+        if line.partition(b":")[0] not in drop:
+            kept.append(line)
     return kept
 
 
@@ -392,7 +393,7 @@ def response_framing(
     or, for an HTTP/1.0 client, the connection's end delimits it: the caller must close),
     M_CHUNKED (anything else, to an HTTP/1.1 client)."""
     if content_length is not None:
-        parts += (b"content-length: ", content_length, CRLF)
+        parts.append(b"content-length: %s\r\n" % content_length)
         return M_NONE if no_body else M_RAW
     if no_body:
         return M_NONE

@@ -544,7 +544,7 @@ class HttpConnection(DownstreamConnection):
         if upgraded:
             self._mode = M_NONE
             if upgrade_to is not None:
-                parts += (b"upgrade: ", upgrade_to, CRLF)  # a 101 names its new protocol
+                parts.append(b"upgrade: %s\r\n" % upgrade_to)  # a 101 names its new protocol
             parts.append(UPGRADE_LINE)
         else:
             http10 = ex.version == b"1.0"

@@ -171,7 +171,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._upgrade = False
         self._final = False  # final (non-1xx) head delivered
         # The head's header lines as the sink writes them: a slot for its status line, then
-        # name, ": ", value, CRLF per header (no tuple per header, no second pass to copy).
+        # b"name: value\r\n" per header (no tuple per header, no second pass to copy).
         self._lines: list[bytes] = [b""]
         self._content_length: bytes | None = None
         self._chunked = False
@@ -377,11 +377,9 @@ class UpstreamConnection(asyncio.Protocol):
             name, value
         ):
             return
-        lines = self._lines
-        lines.append(name)
-        lines.append(b": ")
-        lines.append(value)
-        lines.append(b"\r\n")
+        # One piece per line: compiled, a %-format of bytes is a single copy, and the sink's
+        # join pays about a hundred instructions for every piece, whatever its length.
+        self._lines.append(b"%s: %s\r\n" % (name, value))
 
     def _not_copied(self, name: bytes, value: bytes) -> bool:
         """Act on a hop-by-hop header or content-length (True), or say it is neither."""
