@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, cast
 
+from proxy import exchange
 from proxy.affinity import Affinity, cookie_line
 from proxy.cluster import Balancer, next_distinct
 from proxy.exchange import Exchange, Forward, LocalReply
@@ -153,7 +154,7 @@ class _Memo:
 ROUTE_CACHE_SIZE: Final = 4096
 
 
-class Dispatcher:
+class Dispatcher(exchange.Dispatcher):
     """``proxy.exchange.Dispatcher`` for one listener port: route, hash, pick; count and log.
 
     Routing a request whose route depends only on Host, method and target (no header or query

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
+
+from mypy_extensions import mypyc_attr
 
 if TYPE_CHECKING:
     from proxy.pool import UpstreamPool
@@ -283,12 +285,18 @@ class Exchange:
         return f"<Exchange {self.method.decode()} {self.target!r} {self.status} {self.flags}>"
 
 
-class Dispatcher(Protocol):
-    """The decision maker (``proxy.dispatch.Dispatcher``: routing, affinity, clusters)."""
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Dispatcher:
+    """The decision maker (``proxy.dispatch.Dispatcher``: routing, affinity, clusters).
+
+    A base class, not a Protocol: compiled, a call through a Protocol is a Python method call
+    (argument parsing and all), a call on a native class a C call through its vtable. Tests
+    subclass it in Python, which mypyc allows here (their calls go through Python).
+    """
 
     def dispatch(self, exchange: Exchange) -> Forward | LocalReply:
         """Synchronous and fast: runs on the request path."""
-        ...
+        raise NotImplementedError
 
     def finished(self, exchange: Exchange) -> None:
         """Called once per exchange, after its last byte or its abort.
@@ -297,4 +305,4 @@ class Dispatcher(Protocol):
         dispatched (their request fields may be partial), and for pipelined requests dropped
         when the client disconnected (status 0, flags "DC").
         """
-        ...
+        raise NotImplementedError

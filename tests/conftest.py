@@ -242,7 +242,7 @@ async def raw_client() -> AsyncIterator[Callable[[int], Awaitable[RawClient]]]:
 
 
 # --------------------------------------------------------------------------- dispatchers
-class ForwardAll:
+class ForwardAll(Dispatcher):
     """A Dispatcher that forwards every request to one pool and records the exchanges."""
 
     def __init__(self, pool: UpstreamPool, **forward: object) -> None:

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.exchange import Exchange, Forward, HeaderEdit, LocalReply
+from proxy.exchange import Dispatcher, Exchange, Forward, HeaderEdit, LocalReply
 from proxy.framing import RequestIds
 
 pytestmark = pytest.mark.timeout(30)
@@ -238,7 +238,7 @@ def test_header_edit_rejects_injection():
     assert edit.drop == {b"x-a", b"x-c"} and edit.lines == b"x-a: 1\r\nx-b: 2\r\n"
 
 
-class ByPath:
+class ByPath(Dispatcher):
     """Picks a pool by path prefix, rewriting the target and Host like a VirtualService."""
 
     def __init__(self, routes: dict[bytes, object]) -> None:

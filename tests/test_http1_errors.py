@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.exchange import Exchange, Forward, LocalReply, ServerSettings
+from proxy.exchange import Dispatcher, Exchange, Forward, LocalReply, ServerSettings
 from proxy.replies import (
     CONNECT_FAILURE,
     CONNECTION_TERMINATION,
@@ -251,7 +251,7 @@ async def test_idle_keep_alive_connection_closed(backend, proxy, pools, forward_
     assert await client.at_eof()  # closed by the proxy after 0.2 s of idleness
 
 
-class Failing:
+class Failing(Dispatcher):
     def dispatch(self, exchange: Exchange) -> Forward | LocalReply:
         raise RuntimeError("boom")
 
@@ -640,7 +640,7 @@ async def test_upstream_head_under_the_limit_passes(
 
 
 async def test_local_reply_to_head_has_no_body(proxy, raw_client):
-    class NotFound:
+    class NotFound(Dispatcher):
         def dispatch(self, exchange: Exchange) -> Forward | LocalReply:
             return LocalReply(404, b"no route", headers=((b"x-why", b"test"),))
 

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.exchange import Exchange, Forward, LocalReply, ServerSettings
+from proxy.exchange import Dispatcher, Exchange, Forward, LocalReply, ServerSettings
 from proxy.http1 import serve
 from proxy.pool import UpstreamPool
 
@@ -68,7 +68,7 @@ def stream_app() -> web.Application:
 
 
 # --------------------------------------------------------------------------- child proxy
-class _ForwardAll:
+class _ForwardAll(Dispatcher):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
 
