@@ -40,7 +40,7 @@ from typing import Final, cast
 
 import httptools
 
-from proxy.exchange import DownstreamTls
+from proxy.exchange import LOWER, DownstreamTls
 from proxy.framing import (
     CHUNKED_LINE,
     CRLF,
@@ -62,7 +62,6 @@ from proxy.upstream import callback_error
 
 logger = logging.getLogger("proxy.downstream")
 
-_LOWER: Final = bytes.lower  # as in proxy.upstream: no method lookup per header
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 
 # Reasons reading from the client is paused (bits of DownstreamConnection._paused).
@@ -348,7 +347,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head:
             raise RequestError(431, b"request header fields too large")
-        name = _LOWER(name)
+        name = name.translate(LOWER)
         headers = ex.headers
         if len(headers) >= self._max_headers:
             raise RequestError(431, b"too many headers")

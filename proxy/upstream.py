@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from proxy.exchange import HOP_BY_HOP
+from proxy.exchange import HOP_BY_HOP, LOWER
 
 if TYPE_CHECKING:
     # The sink is typed as the one class that implements it, not as a Protocol: compiled, a
@@ -78,8 +78,6 @@ PROTOCOL_ERROR: Final = 2  # the upstream sent something that is not HTTP/1.x
 
 _KEEP_ALIVE_TOKENS: Final = frozenset({b"close", b"keep-alive"})
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
-# Called through the descriptor: compiled, ``name.lower()`` looks the method up on every call.
-_LOWER: Final = bytes.lower
 # Response headers the proxy acts on and never copies: hop-by-hop ones and content-length,
 # which the sink writes itself from the framing it chooses.
 _NOT_COPIED: Final = HOP_BY_HOP | {b"content-length"}
@@ -369,7 +367,7 @@ class UpstreamConnection(asyncio.Protocol):
             if size > MAX_RESPONSE_HEAD:
                 raise _Unexpected  # -> 502, as any upstream protocol error
             self._header_bytes = size
-        name = _LOWER(name)
+        name = name.translate(LOWER)
         n = len(name)
         # Only names of these lengths can be one we act on: one int compare spares the others
         # any lookup (compiled, hashing a fresh name costs more than the rest of this call).
