@@ -207,18 +207,6 @@ class Exchange:
     """
 
     __slots__ = (
-        "_body",
-        "_body_done",
-        "_buffered",
-        "_chunked",
-        "_cl",
-        "_conn_tokens",
-        "_error",
-        "_keep_alive",
-        "_replay",
-        "_replay_left",
-        "_upgrade",
-        "_xff",
         "authority",
         "bytes_received",
         "bytes_sent",
@@ -270,19 +258,6 @@ class Exchange:
         # The dispatcher's own per-connection state: http1 hands each exchange the value the
         # previous one of its connection left here, and never looks inside.
         self.memo: object = None
-        # http1-private request state (lives here so a queued request carries it along)
-        self._keep_alive = True
-        self._upgrade: bytes | None = None  # Upgrade header value of an upgrade request
-        self._chunked = False
-        self._cl: bytes | None = None
-        self._conn_tokens: frozenset[bytes] | None = None
-        self._xff: bytes | None = None
-        self._body: list[bytes] = []  # body bytes not yet written upstream
-        self._buffered = 0
-        self._body_done = False
-        self._error: tuple[int, bytes] | None = None  # reject with this once it is our turn
-        self._replay: list[bytes] | None = None  # the whole body so far, while it may be resent
-        self._replay_left = 0  # bytes the replay buffer may still take
 
     def __repr__(self) -> str:
         return f"<Exchange {self.method.decode()} {self.target!r} {self.status} {self.flags}>"
