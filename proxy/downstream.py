@@ -58,7 +58,7 @@ from proxy.framing import (
 )
 from proxy.listener import ListenerState
 from proxy.replies import local_reply, parse_error_reply
-from proxy.upstream import callback_error
+from proxy.upstream import callback_error, write_buffers
 
 logger = logging.getLogger("proxy.downstream")
 
@@ -555,10 +555,7 @@ class DownstreamConnection(asyncio.Protocol):
         if not buf:
             return
         if not self._closed and self.transport is not None:
-            if len(buf) == 1:
-                self.transport.write(buf[0])
-            else:
-                self.transport.writelines(buf)
+            write_buffers(self.transport, buf)
         buf.clear()
 
     def _upgrade_data(self, rest: bytes) -> None:

@@ -66,6 +66,7 @@ __all__ = [
     "UpstreamConnection",
     "UpstreamTlsError",
     "callback_error",
+    "write_buffers",
 ]
 
 logger = logging.getLogger("proxy.upstream")
@@ -93,6 +94,23 @@ def callback_error(exc: httptools.HttpParserError) -> BaseException | None:
     coroutines can leave behind on the loop, so it must not be read as ours.
     """
     return exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+
+
+# A head and a body piece up to this size go to uvloop as one buffer: copying them costs less
+# than writelines' second buffer (about 500 instructions).
+_COALESCE: Final = 4096
+
+
+def write_buffers(transport: asyncio.Transport, buf: list[bytes]) -> None:
+    """Write the queued pieces ``buf`` (at least one) to ``transport``, in as few calls as
+    pays: both sides of the data plane batch their writes this way."""
+    n = len(buf)
+    if n == 1:
+        transport.write(buf[0])
+    elif n == 2 and len(buf[1]) <= _COALESCE:
+        transport.write(buf[0] + buf[1])
+    else:
+        transport.writelines(buf)
 
 
 class UpstreamTlsError(Exception):
@@ -216,10 +234,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.closed or self.transport is None:
             buf.clear()
             return
-        if len(buf) == 1:
-            self.transport.write(buf[0])
-        else:
-            self.transport.writelines(buf)
+        write_buffers(self.transport, buf)
         buf.clear()
 
     def write_raw(self, data: bytes) -> None:
