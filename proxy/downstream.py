@@ -33,7 +33,6 @@ and idleness.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 from typing import Final, cast
@@ -115,7 +114,9 @@ class DownstreamConnection(asyncio.Protocol):
         self._in_feed = False  # inside parser.feed_data: the other side is flushed after
         self._eof = False  # the client half-closed: close once the queue is answered
         self._draining = False  # Connections.shutdown(): close after the current exchange
-        self._queue: collections.deque[ParsedRequest] = collections.deque()
+        # Pipelined requests waiting their turn: at most max_pipeline (32), so a list and
+        # pop(0) (an empty deque takes 760 bytes on every idle connection, a list 56).
+        self._queue: list[ParsedRequest] = []
         self._parsing: ParsedRequest | None = None  # the request the parser is inside
         self._head_open = False  # between on_message_begin and on_headers_complete
         self._head_bytes = 0  # size of the head so far, as seen through the callbacks
@@ -216,7 +217,7 @@ class DownstreamConnection(asyncio.Protocol):
             self._active = None
             self._report_finished(ex)
         while self._queue:
-            ex = self._queue.popleft()
+            ex = self._queue.pop(0)
             ex.flags = "DC"
             self._report_finished(ex)
 
@@ -497,7 +498,7 @@ class DownstreamConnection(asyncio.Protocol):
     def _activate_next(self) -> None:
         if self._closed or self._active is not None or not self._queue:
             return
-        ex = self._queue.popleft()
+        ex = self._queue.pop(0)
         if not self._queue:
             self._resume(P_QUEUE)
         self._begin(ex)
