@@ -457,14 +457,22 @@ class ClusterStats:
             key = (status, ex.flags)
             t = self._by_result.get(key) or self._tally(key)
         t.n += 1
+        # counts[i] = counts[i] + 1, not counts[i] += 1: compiled, the augmented form on a list
+        # item is a generic PyNumber_InPlaceAdd, the plain one an unboxed int add.
         ms = (ex.end - ex.start) * 1000.0
-        t.dur[_bucket(_DURATION_BOUNDS, ms)] += 1
+        counts = t.dur
+        i = _bucket(_DURATION_BOUNDS, ms)
+        counts[i] = counts[i] + 1
         t.dur_sum += ms
         size = ex.bytes_received
-        t.req[_size_bucket(size)] += 1
+        counts = t.req
+        i = _size_bucket(size)
+        counts[i] = counts[i] + 1
         t.req_sum += size
         size = ex.bytes_sent
-        t.resp[_size_bucket(size)] += 1
+        counts = t.resp
+        i = _size_bucket(size)
+        counts[i] = counts[i] + 1
         t.resp_sum += size
         if ex.upstream is not None:
             t.up += 1
