@@ -439,6 +439,37 @@ async def test_upstream_idle_connections_close_after_the_idle_timeout(
     assert pool.idle_count == 0 and pool.connections == 0
 
 
+async def test_expiry_closes_only_the_connections_idle_past_the_timeout(
+    raw_backend, proxy, pools, raw_client
+):
+    arrived = 0
+    both = asyncio.Event()
+
+    async def pod(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal arrived
+        while await reader.readuntil(b"\r\n\r\n"):
+            arrived += 1
+            if arrived == 2:
+                both.set()
+            await both.wait()  # two requests in flight at once: two pooled connections
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    pool = pools(await raw_backend(pod), idle_timeout=3600)
+    port = await proxy(ForwardAll(pool))
+    clients = [await raw_client(port), await raw_client(port)]
+    for client in clients:
+        await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    for client in clients:
+        assert (await client.read_response()).status == 200
+    assert pool.idle_count == 2
+    old, recent = pool._idle
+    now = asyncio.get_running_loop().time()
+    old.idle_since, recent.idle_since = now - 7200, now
+    pool._expire()
+    assert pool._idle == [recent] and old.closed and not recent.closed
+
+
 # ---------------------------------------------------------------- methods (RFC 9110 §9.2.2)
 async def test_default_policy_never_resends_a_post_that_reached_the_pod(
     raw_backend, proxy, pools, raw_client
