@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -166,3 +168,35 @@ async def unshare_available() -> bool:
         "unshare", "--mount", "true", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     return await proc.wait() == 0
+
+
+@asynccontextmanager
+async def proxy_with_hosts(
+    command: list[str], hosts: Path, env: dict[str, str] | None = None
+) -> AsyncIterator[str]:
+    """Run the proxy ``command`` in its own mount namespace, where ``hosts`` is /etc/hosts (so
+    that compose's service names resolve to loopback pods), listening on a free loopback port
+    (STICKY_PROXY_LISTEN; ``env`` adds variables). Yields its URL once it listens; SIGTERM
+    after. Needs :func:`unshare_available`."""
+    script = f"mount --bind {shlex.quote(str(hosts))} /etc/hosts && exec {shlex.join(command)}"
+    proc = await asyncio.create_subprocess_exec(
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        script,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {}), "STICKY_PROXY_LISTEN": "127.0.0.1:0"},
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            while b"listening on" not in (line := await proc.stdout.readline()):
+                assert line, "the proxy exited"
+        yield f"http://127.0.0.1:{int(line.decode().rsplit(':', 1)[1])}/"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                await proc.wait()

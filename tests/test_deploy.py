@@ -17,14 +17,11 @@ container runtime and is not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import random
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -34,7 +31,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from proxy_process import unshare_available
+from proxy_process import proxy_with_hosts, unshare_available
 
 from proxy.__main__ import build_parser
 from proxy.demo import PodSet
@@ -257,27 +254,12 @@ async def test_compose_config_serves_sticky_traffic_through_the_images_command(
     assert compose_command[:2] == ["run", "/etc/sticky-proxy"]
     command = [sys.executable, "-m", "proxy", "run", str(ROOT / "config" / "compose")]
     command += compose_command[2:]
-    env = {**os.environ, **image_env(), "STICKY_PROXY_LISTEN": "127.0.0.1:0"}
-    script = f"mount --bind {shlex.quote(str(hosts))} /etc/hosts && exec {shlex.join(command)}"
-    proc = await asyncio.create_subprocess_exec(
-        "unshare",
-        "--mount",
-        "sh",
-        "-c",
-        script,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-    )
     try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(20):
-            while b"listening on" not in (line := await proc.stdout.readline()):
-                assert line, "the proxy exited"
-        port = int(line.decode().rsplit(":", 1)[1])
-        url = f"http://127.0.0.1:{port}/"
-        spread: Counter[str] = Counter()
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        async with (
+            proxy_with_hosts(command, hosts, image_env()) as url,
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session,
+        ):
+            spread: Counter[str] = Counter()
             for i in range(60):
                 cookie = {"Host": "test.com", "Cookie": f"ISTIOID=user-{i}"}
                 answers = set()
@@ -289,9 +271,5 @@ async def test_compose_config_serves_sticky_traffic_through_the_images_command(
                 spread[answers.pop()] += 1
         assert set(spread) == {f"replica-{ip}" for ip in replicas}
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(15):
-                await proc.wait()
         for podset in pods:
             await podset.close()

@@ -9,11 +9,7 @@ Without such endpoints a label subset is empty, and ``check`` shows the ServiceE
 
 from __future__ import annotations
 
-import asyncio
-import os
 import random
-import shlex
-import signal
 import subprocess
 import sys
 import textwrap
@@ -27,7 +23,7 @@ import pytest
 import yaml
 from aiohttp.resolver import ThreadedResolver
 from conftest import running
-from proxy_process import unshare_available
+from proxy_process import proxy_with_hosts, unshare_available
 
 from proxy.config import Config, DnsEndpoints, Endpoint, StaticEndpoints
 from proxy.demo import PodSet
@@ -342,38 +338,19 @@ async def test_compose_versions_example_runs_unchanged_with_real_processes(
     run = [sys.executable, "-m", "proxy", "run", str(EXAMPLE), *command[2:]]
     run += ["--admin-port", "off", "--metrics-port", "off", "--readiness-port", "off"]
     run += ["--drain-time", "0s"]  # no load balancer to tell: stop at once
-    script = f"mount --bind {shlex.quote(str(hosts))} /etc/hosts && exec {shlex.join(run)}"
-    proc = await asyncio.create_subprocess_exec(
-        "unshare",
-        "--mount",
-        "sh",
-        "-c",
-        script,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "STICKY_PROXY_LISTEN": "127.0.0.1:0"},
-    )
     try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(20):
-            while b"listening on" not in (line := await proc.stdout.readline()):
-                assert line, "the proxy exited"
-        url = f"http://127.0.0.1:{int(line.decode().rsplit(':', 1)[1])}/"
-        jar = aiohttp.DummyCookieJar()
-        async with aiohttp.ClientSession(cookie_jar=jar) as s:
-            jason = {"Host": "test.com", "end-user": "jason"}
-            assert {await pod_for(s, url, jason) for _ in range(10)} == {"pod-v2"}
-            spread: Counter[str] = Counter()
-            for i in range(40):
-                cookie = {"Host": "test.com", "Cookie": f"ISTIOID=user-{i}"}
-                answers = {await pod_for(s, url, cookie) for _ in range(3)}
-                assert len(answers) == 1  # sticky
-                spread[answers.pop()] += 1
-            assert set(spread) == {"pod-v1a", "pod-v1b"}  # version v1 only, both of its pods
+        async with proxy_with_hosts(run, hosts) as url:
+            jar = aiohttp.DummyCookieJar()
+            async with aiohttp.ClientSession(cookie_jar=jar) as s:
+                jason = {"Host": "test.com", "end-user": "jason"}
+                assert {await pod_for(s, url, jason) for _ in range(10)} == {"pod-v2"}
+                spread: Counter[str] = Counter()
+                for i in range(40):
+                    cookie = {"Host": "test.com", "Cookie": f"ISTIOID=user-{i}"}
+                    answers = {await pod_for(s, url, cookie) for _ in range(3)}
+                    assert len(answers) == 1  # sticky
+                    spread[answers.pop()] += 1
+                assert set(spread) == {"pod-v1a", "pod-v1b"}  # version v1 only, both of its pods
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(15):
-                await proc.wait()
         for podset in pods:
             await podset.close()
